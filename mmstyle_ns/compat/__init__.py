@@ -1,0 +1,1 @@
+"""Compatibility shims for running nerfstudio on CPU-only PyTorch builds."""

@@ -1,0 +1,173 @@
+"""Ray marching with empty-space skipping and early termination, in plain PyTorch (CPU and GPU alike).
+
+nerfstudio's ``VolumetricSampler`` wraps nerfacc's CUDA occupancy grid; this is the same idea for a
+:class:`~mmstyle_ns.fields.grid_field.DenseGridField`, whose density is explicit: the occupancy of a voxel
+is read straight off the density grid (trilinear interpolation never exceeds its largest corner, so a
+dilated vertex mask is a conservative occupancy test).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
+from torch import Tensor, nn
+
+from mmstyle_ns.fields.grid_field import DenseGridField
+
+
+@dataclass
+class PackedSamples:
+    """Samples of many rays in one flat list, sorted by ray."""
+
+    t_starts: Float[Tensor, "S"]
+    """Start of each sample's interval along its ray."""
+    t_ends: Float[Tensor, "S"]
+    """End of each sample's interval along its ray."""
+    ray_indices: Int[Tensor, "S"]
+    """Index of the ray each sample belongs to."""
+    positions: Float[Tensor, "S 3"]
+    """World-space midpoint of each interval."""
+    directions: Float[Tensor, "S 3"]
+    """Unit direction of each sample's ray."""
+
+
+def packed_weights(
+    t_starts: Float[Tensor, "S"],
+    t_ends: Float[Tensor, "S"],
+    sigmas: Float[Tensor, "S"],
+    ray_indices: Int[Tensor, "S"],
+) -> tuple[Float[Tensor, "S"], Float[Tensor, "S"], Float[Tensor, "S"]]:
+    """Volume-rendering weights of packed samples (sorted by ray), differentiable w.r.t. ``sigmas``.
+
+    ``w_i = T_i * (1 - exp(-sigma_i * delta_i))`` with ``T_i = exp(-sum_{j<i} sigma_j * delta_j)`` over the samples of
+    the same ray. The per-ray exclusive sum is a global cumulative sum (in float64) minus its value at the
+    ray's first sample.
+
+    Returns:
+        weights, transmittances, alphas.
+    """
+    optical = sigmas * (t_ends - t_starts)
+    if optical.numel() == 0:
+        return optical, optical, optical
+    exclusive = torch.cumsum(optical.double(), dim=0) - optical.double()
+    is_first = torch.ones_like(ray_indices, dtype=torch.bool)
+    is_first[1:] = ray_indices[1:] != ray_indices[:-1]
+    first_index = torch.cummax(torch.where(is_first, torch.arange(len(ray_indices), device=ray_indices.device), 0), 0)[0]
+    trans = torch.exp(-(exclusive - exclusive[first_index])).to(sigmas.dtype)
+    alphas = 1.0 - torch.exp(-optical)
+    return trans * alphas, trans, alphas
+
+
+def ray_aabb(
+    origins: Float[Tensor, "N 3"], directions: Float[Tensor, "N 3"], aabb: Float[Tensor, "2 3"]
+) -> tuple[Float[Tensor, "N"], Float[Tensor, "N"]]:
+    """Entry and exit distances of rays through a box (exit < entry when a ray misses it)."""
+    inv = 1.0 / torch.where(directions.abs() < 1e-9, torch.full_like(directions, 1e-9), directions)
+    t0 = (aabb[0] - origins) * inv
+    t1 = (aabb[1] - origins) * inv
+    return torch.minimum(t0, t1).amax(-1), torch.maximum(t0, t1).amin(-1)
+
+
+class OccupancySampler(nn.Module):
+    """Marches rays at a fixed step through the field's box, keeping samples in occupied voxels only.
+
+    Args:
+        step_ratio: marching step as a fraction of the field's voxel size.
+        alpha_threshold: a vertex is occupied when a ray crossing one voxel at its density would be at least
+            this opaque; samples less opaque than this are dropped too.
+        early_stop_eps: samples behind which the transmittance has fallen below this are dropped.
+        max_samples_per_ray: cap on the marching steps per ray (the step grows when the box needs more).
+    """
+
+    def __init__(
+        self,
+        step_ratio: float = 0.5,
+        alpha_threshold: float = 1e-2,
+        early_stop_eps: float = 1e-4,
+        max_samples_per_ray: int = 1024,
+    ) -> None:
+        super().__init__()
+        self.step_ratio = step_ratio
+        self.alpha_threshold = alpha_threshold
+        self.early_stop_eps = early_stop_eps
+        self.max_samples_per_ray = max_samples_per_ray
+        self.register_buffer("occupancy", torch.ones(1, 1, 1, dtype=torch.bool))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        saved = state_dict.get(prefix + "occupancy")
+        if saved is not None and saved.shape != self.occupancy.shape:  # a trained grid has its own size
+            self.occupancy = torch.empty_like(saved)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def update(self, field: DenseGridField) -> Bool[Tensor, "X Y Z"]:
+        """Recomputes occupancy from the field's current density grid; returns the undilated vertex mask."""
+        alpha = 1.0 - torch.exp(-field.vertex_densities() * field.voxel_size())
+        occupied = alpha > self.alpha_threshold
+        if not bool(occupied.any()):  # nothing left to sample would freeze training: sample everything
+            occupied = torch.ones_like(occupied)
+        dilated = F.max_pool3d(occupied[None, None].float(), kernel_size=3, stride=1, padding=1)[0, 0] > 0
+        self.occupancy = dilated
+        self.initialized.fill_(True)
+        return occupied
+
+    def _lookup(self, field: DenseGridField, positions: Float[Tensor, "M 3"]) -> Bool[Tensor, "M"]:
+        dims = field.grid_dims.to(positions.device)
+        if not bool(self.initialized) or tuple(self.occupancy.shape) != field.shape:
+            return torch.ones(positions.shape[0], dtype=torch.bool, device=positions.device)
+        rel = (positions - field.aabb[0]) / (field.aabb[1] - field.aabb[0])
+        idx = (rel * (dims - 1)).round().long()
+        idx = torch.minimum(idx.clamp_min(0), dims - 1)
+        flat = (idx[:, 0] * int(dims[1]) + idx[:, 1]) * int(dims[2]) + idx[:, 2]
+        return self.occupancy.reshape(-1)[flat]
+
+    @torch.no_grad()
+    def forward(
+        self,
+        field: DenseGridField,
+        origins: Float[Tensor, "N 3"],
+        directions: Float[Tensor, "N 3"],
+        near: float = 0.0,
+        jitter: bool = False,
+    ) -> PackedSamples:
+        """Samples rays; densities used for culling are computed without gradients."""
+        num_rays = origins.shape[0]
+        device = origins.device
+        t_near, t_far = ray_aabb(origins, directions, field.aabb)
+        t_near = t_near.clamp_min(near)
+        hit = t_far > t_near
+        step = self.step_ratio * field.voxel_size()
+        span = float((t_far - t_near)[hit].max()) if bool(hit.any()) else 0.0
+        steps = int(span / step) + 1
+        if steps > self.max_samples_per_ray:
+            step = span / self.max_samples_per_ray
+            steps = self.max_samples_per_ray
+        offset = torch.rand(num_rays, 1, device=device) if jitter else torch.full((num_rays, 1), 0.5, device=device)
+        t_mid = t_near[:, None] + (torch.arange(steps, device=device)[None, :] + offset) * step  # [N, steps]
+        inside = hit[:, None] & (t_mid < t_far[:, None])
+        ray_indices, step_indices = torch.nonzero(inside, as_tuple=True)
+        t_mid = t_mid[ray_indices, step_indices]
+        positions = origins[ray_indices] + directions[ray_indices] * t_mid[:, None]
+        keep = self._lookup(field, positions)
+        ray_indices, t_mid, positions = ray_indices[keep], t_mid[keep], positions[keep]
+
+        if ray_indices.numel() > 0:
+            sigmas = field.density_at(positions)[:, 0]
+            t_starts, t_ends = t_mid - 0.5 * step, t_mid + 0.5 * step
+            _, trans, alphas = packed_weights(t_starts, t_ends, sigmas, ray_indices)
+            keep = (trans > self.early_stop_eps) & (alphas > self.alpha_threshold * self.step_ratio)
+            if not bool(self.initialized):
+                keep = trans > self.early_stop_eps
+            ray_indices, t_mid, positions = ray_indices[keep], t_mid[keep], positions[keep]
+        return PackedSamples(
+            t_starts=t_mid - 0.5 * step,
+            t_ends=t_mid + 0.5 * step,
+            ray_indices=ray_indices,
+            positions=positions,
+            directions=directions[ray_indices],
+        )

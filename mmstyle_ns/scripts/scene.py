@@ -1,0 +1,94 @@
+"""Command-line generator of synthetic nerfstudio datasets with exact ground truth.
+
+Example::
+
+    mmstyle-scene --kind object360 --out data/object360 --num-views 100 --resolution 128 --seed 0
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import tyro
+
+
+@dataclass
+class SceneCommand:
+    """Render an analytic textured scene and write it as a nerfstudio dataset.
+
+    The output folder receives transforms.json (nerfstudio-data format, OPENCV pinhole cameras, OpenGL
+    camera-to-world poses, train/val/test file lists), images/frame_XXXXX.png (8-bit RGB),
+    depths/frame_XXXXX.png (16-bit z-depth in millimetres, 0 = background) and scene.json (metadata such as
+    the bounding box of the content). The same arguments always produce byte-identical files.
+    """
+
+    kind: Literal["object360", "forward", "head"] = "object360"
+    """Scene: objects on a ground disc, 360 deg views (object360); wall and objects, camera grid (forward); head."""
+    out: Path | None = None
+    """Output folder; defaults to data/<kind>. An existing dataset there is replaced."""
+    num_views: int = 100
+    """Number of rendered views."""
+    resolution: int = 128
+    """Width and height of the square images in pixels (at least 8)."""
+    seed: int = 0
+    """Seed of the object layout, colours, light direction and camera jitter (non-negative)."""
+    eval_every: int = 8
+    """Hold out every n-th view (starting with the first) as the val and test split."""
+    supersample: int = 2
+    """Colour samples per pixel along each axis (2 means 2x2 anti-aliasing)."""
+    specular: bool = True
+    """Render specular highlights on glossy materials (view-dependent colour)."""
+    portrait: Literal["grace_hopper", "astronaut"] = "grace_hopper"
+    """Public-domain portrait shown on the face of the head kind."""
+
+
+def main(config: SceneCommand) -> Path:
+    """Generates the dataset described by ``config`` and prints a summary.
+
+    Args:
+        config: Parsed command-line options.
+
+    Returns:
+        The output folder.
+    """
+    from mmstyle_ns.data.scene import generate_scene, split_indices
+
+    out = config.out if config.out is not None else Path("data") / config.kind
+    start = time.perf_counter()
+    generate_scene(
+        kind=config.kind,
+        out_dir=out,
+        num_views=config.num_views,
+        resolution=config.resolution,
+        seed=config.seed,
+        eval_every=config.eval_every,
+        supersample=config.supersample,
+        specular=config.specular,
+        portrait=config.portrait,
+        log=lambda msg: print(f"  {msg}", flush=True),
+    )
+    elapsed = time.perf_counter() - start
+    train, held_out = split_indices(config.num_views, config.eval_every)
+    print(
+        f"Wrote {config.kind} scene: {config.num_views} views at {config.resolution}x{config.resolution} "
+        f"({len(train)} train, {len(held_out)} val/test) in {elapsed:.1f} s to {out}"
+    )
+    return out
+
+
+def entrypoint() -> None:
+    """Console-script entry point."""
+    config = tyro.cli(SceneCommand)
+    try:
+        main(config)
+    except (ValueError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    entrypoint()
