@@ -80,9 +80,13 @@ def time_to(rows: list[tuple[float, int, float]], psnr: float) -> float:
 def nerfacto_small(max_steps: int) -> TrainerConfig:
     """nerfacto with the small CPU settings (512 rays, 2^14 table, 8 levels, hidden 32, torch hash grid)."""
     from nerfstudio.configs.method_configs import method_configs
+    from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManagerConfig
+    from nerfstudio.models.nerfacto import NerfactoModelConfig
 
     config = dataclasses.replace(method_configs["nerfacto"])
+    assert isinstance(config, TrainerConfig)
     model = config.pipeline.model
+    assert isinstance(model, NerfactoModelConfig)
     model.implementation = "torch"
     model.log2_hashmap_size = 14
     model.num_levels = 8
@@ -90,6 +94,7 @@ def nerfacto_small(max_steps: int) -> TrainerConfig:
     model.hidden_dim_color = 32
     model.background_color = "white"
     model.camera_optimizer.mode = "off"
+    assert isinstance(config.pipeline.datamanager, VanillaDataManagerConfig)
     config.pipeline.datamanager.train_num_rays_per_batch = 512
     config.max_num_iterations = max_steps
     return config
@@ -112,8 +117,11 @@ class Args:
 
 
 def main(args: Args) -> None:
+    from mmstyle_ns.method_configs.base import (  # pyright: ignore[reportMissingImports]
+        base_trainer_config as base_config,
+    )
+
     from mmstyle_ns.data.scene import generate_scene
-    from mmstyle_ns.method_configs.base import base_trainer_config as base_config
 
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:

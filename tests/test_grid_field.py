@@ -50,7 +50,10 @@ def test_regrid_preserves_the_function_and_resizes() -> None:
     with torch.no_grad():
         # A linear function of position is reproduced exactly by trilinear resampling.
         verts = torch.stack(
-            torch.meshgrid(*[torch.linspace(float(AABB[0, i]), float(AABB[1, i]), n) for i, n in enumerate(field.shape)], indexing="ij"),
+            torch.meshgrid(
+                *[torch.linspace(float(AABB[0, i]), float(AABB[1, i]), n) for i, n in enumerate(field.shape)],
+                indexing="ij",
+            ),
             dim=-1,
         ).reshape(-1, 3)
         field.density_grid.copy_(verts @ torch.tensor([[0.3], [-0.2], [0.5]]))

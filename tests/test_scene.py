@@ -50,14 +50,14 @@ def test_primitive_hits_known_distances():
     assert rt.sphere((0, 0, 0), 1.0, mat).hit(o, d)[0][0] == pytest.approx(4.0)
     assert rt.Box((-1, -1, -1), (1, 1, 2), mat).hit(o, d)[0][0] == pytest.approx(3.0)
     t, part = rt.Cylinder((0, 0), -1, 1.5, 0.5, mat).hit(o, d)
-    assert t[0] == pytest.approx(3.5) and part[0] == 1  # top cap
+    assert part is not None and t[0] == pytest.approx(3.5) and part[0] == 1  # top cap
     assert rt.Disc((0, 0, -2), 1.0, mat).hit(o, d)[0][0] == pytest.approx(7.0)
     # Rays from inside leave through the far side; rays outside the disc radius miss.
     o_in, d_side = _ray((0, 0, 0), (1, 0, 0))
     assert rt.sphere((0, 0, 0), 1.0, mat).hit(o_in, d_side)[0][0] == pytest.approx(1.0)
     assert rt.Ellipsoid((0, 0, 0), (2.0, 1.0, 1.0), mat).hit(o_in, d_side)[0][0] == pytest.approx(2.0)
     t, part = rt.Cylinder((0, 0), -1, 1, 0.5, mat).hit(*_ray((3, 0, 0), (-1, 0, 0)))
-    assert t[0] == pytest.approx(2.5) and part[0] == 0
+    assert part is not None and t[0] == pytest.approx(2.5) and part[0] == 0
     assert np.isinf(rt.Disc((0, 0, -2), 1.0, mat).hit(*_ray((1.5, 0, 5), (0, 0, -1)))[0][0])
     assert np.isinf(rt.sphere((0, 0, 0), 1.0, mat).hit(*_ray((0, 0, 5), (0, 0, 1)))[0][0])
 
@@ -88,7 +88,7 @@ def test_pixel_centres_and_z_depth_convention():
     # A sphere on the optical axis with the principal point at the image centre gives a symmetric depth map
     # only if rays pass through pixel centres; a fronto-parallel wall has constant z-depth (not range).
     materials = (rt.Material(),)
-    k = (16.0, 16.0, 8.0, 8.0)
+    k = np.array([16.0, 16.0, 8.0, 8.0])
     sphere_scene = rt.Scene((rt.sphere((0, 0, -3), 1.0, 0),), materials)
     _, depth = rt.render(sphere_scene, np.eye(4), k, 16, 16, supersample=1)
     np.testing.assert_allclose(depth, depth[:, ::-1], atol=1e-6)

@@ -26,9 +26,9 @@ def register_safe_globals() -> None:
         _REGISTERED = True
         return
     try:  # numpy >= 2
-        from numpy._core.multiarray import scalar  # type: ignore[import-not-found]
+        from numpy._core.multiarray import scalar  # pyright: ignore
     except ImportError:
-        from numpy.core.multiarray import scalar
+        from numpy.core.multiarray import scalar  # pyright: ignore[reportAttributeAccessIssue]
     dtype_classes = [type(np.dtype(name)) for name in ("float16", "float32", "float64", "int32", "int64", "bool")]
     add([scalar, np.dtype, *dtype_classes])
     _REGISTERED = True

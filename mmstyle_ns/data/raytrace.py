@@ -486,7 +486,7 @@ def render_rgba(
     height: int,
     supersample: int = 2,
     specular: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Renders one view.
 
     Args:

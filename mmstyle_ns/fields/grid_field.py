@@ -70,6 +70,9 @@ class DenseGridField(Field):
         density_init: initial density (per unit length) of every voxel.
     """
 
+    aabb: Tensor
+    grid_dims: Tensor
+
     def __init__(
         self,
         aabb: Float[Tensor, "2 3"],
@@ -157,14 +160,22 @@ class DenseGridField(Field):
         """
         aabb = aabb.to(self.aabb)
         new_shape = grid_shape_for(aabb, resolution)
-        axes = [torch.linspace(float(aabb[0, i]), float(aabb[1, i]), n, device=aabb.device) for i, n in enumerate(new_shape)]
+        axes = [
+            torch.linspace(float(aabb[0, i]), float(aabb[1, i]), n, device=aabb.device) for i, n in enumerate(new_shape)
+        ]
         points = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
         index, weights = self.corners(points)
         new_density = torch.cat(
-            [trilinear_lookup(self.density_grid, i, w) for i, w in zip(index.split(1 << 18), weights.split(1 << 18))]
+            [
+                trilinear_lookup(self.density_grid, i, w)
+                for i, w in zip(index.split(1 << 18), weights.split(1 << 18), strict=True)
+            ]
         )
         new_features = torch.cat(
-            [trilinear_lookup(self.feature_grid, i, w) for i, w in zip(index.split(1 << 18), weights.split(1 << 18))]
+            [
+                trilinear_lookup(self.feature_grid, i, w)
+                for i, w in zip(index.split(1 << 18), weights.split(1 << 18), strict=True)
+            ]
         )
         self.density_grid = nn.Parameter(new_density.contiguous())
         self.feature_grid = nn.Parameter(new_features.contiguous())

@@ -23,11 +23,11 @@ from mmstyle_ns.fields.grid_field import DenseGridField
 class PackedSamples:
     """Samples of many rays in one flat list, sorted by ray."""
 
-    t_starts: Float[Tensor, "S"]
+    t_starts: Float[Tensor, " S"]
     """Start of each sample's interval along its ray."""
-    t_ends: Float[Tensor, "S"]
+    t_ends: Float[Tensor, " S"]
     """End of each sample's interval along its ray."""
-    ray_indices: Int[Tensor, "S"]
+    ray_indices: Int[Tensor, " S"]
     """Index of the ray each sample belongs to."""
     positions: Float[Tensor, "S 3"]
     """World-space midpoint of each interval."""
@@ -36,11 +36,11 @@ class PackedSamples:
 
 
 def packed_weights(
-    t_starts: Float[Tensor, "S"],
-    t_ends: Float[Tensor, "S"],
-    sigmas: Float[Tensor, "S"],
-    ray_indices: Int[Tensor, "S"],
-) -> tuple[Float[Tensor, "S"], Float[Tensor, "S"], Float[Tensor, "S"]]:
+    t_starts: Float[Tensor, " S"],
+    t_ends: Float[Tensor, " S"],
+    sigmas: Float[Tensor, " S"],
+    ray_indices: Int[Tensor, " S"],
+) -> tuple[Float[Tensor, " S"], Float[Tensor, " S"], Float[Tensor, " S"]]:
     """Volume-rendering weights of packed samples (sorted by ray), differentiable w.r.t. ``sigmas``.
 
     ``w_i = T_i * (1 - exp(-sigma_i * delta_i))`` with ``T_i = exp(-sum_{j<i} sigma_j * delta_j)`` over the samples of
@@ -56,7 +56,9 @@ def packed_weights(
     exclusive = torch.cumsum(optical.double(), dim=0) - optical.double()
     is_first = torch.ones_like(ray_indices, dtype=torch.bool)
     is_first[1:] = ray_indices[1:] != ray_indices[:-1]
-    first_index = torch.cummax(torch.where(is_first, torch.arange(len(ray_indices), device=ray_indices.device), 0), 0)[0]
+    first_index = torch.cummax(torch.where(is_first, torch.arange(len(ray_indices), device=ray_indices.device), 0), 0)[
+        0
+    ]
     trans = torch.exp(-(exclusive - exclusive[first_index])).to(sigmas.dtype)
     alphas = 1.0 - torch.exp(-optical)
     return trans * alphas, trans, alphas
@@ -64,7 +66,7 @@ def packed_weights(
 
 def ray_aabb(
     origins: Float[Tensor, "N 3"], directions: Float[Tensor, "N 3"], aabb: Float[Tensor, "2 3"]
-) -> tuple[Float[Tensor, "N"], Float[Tensor, "N"]]:
+) -> tuple[Float[Tensor, " N"], Float[Tensor, " N"]]:
     """Entry and exit distances of rays through a box (exit < entry when a ray misses it)."""
     inv = 1.0 / torch.where(directions.abs() < 1e-9, torch.full_like(directions, 1e-9), directions)
     t0 = (aabb[0] - origins) * inv
@@ -82,6 +84,9 @@ class OccupancySampler(nn.Module):
         early_stop_eps: samples behind which the transmittance has fallen below this are dropped.
         max_samples_per_ray: cap on the marching steps per ray (the step grows when the box needs more).
     """
+
+    occupancy: Tensor
+    initialized: Tensor
 
     def __init__(
         self,
@@ -116,7 +121,7 @@ class OccupancySampler(nn.Module):
         self.initialized.fill_(True)
         return occupied
 
-    def _lookup(self, field: DenseGridField, positions: Float[Tensor, "M 3"]) -> Bool[Tensor, "M"]:
+    def _lookup(self, field: DenseGridField, positions: Float[Tensor, "M 3"]) -> Bool[Tensor, " M"]:
         dims = field.grid_dims.to(positions.device)
         if not bool(self.initialized) or tuple(self.occupancy.shape) != field.shape:
             return torch.ones(positions.shape[0], dtype=torch.bool, device=positions.device)

@@ -10,7 +10,7 @@ occupied, so the voxels are spent on the content.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Literal, Tuple, Type
+from typing import Literal
 
 import nerfacc
 import torch
@@ -39,7 +39,7 @@ register_safe_globals()
 class MMStyleBaseModelConfig(NerfactoModelConfig):
     """Configuration of the dense-grid base model (nerfacto's options plus the grid's)."""
 
-    _target: Type = field(default_factory=lambda: MMStyleBaseModel)
+    _target: type = field(default_factory=lambda: MMStyleBaseModel)
     background_color: Literal["black", "white"] = "white"
     """Colour shown behind the content (renders, viewer, evaluation)."""
     random_background_training: bool = True
@@ -50,9 +50,9 @@ class MMStyleBaseModelConfig(NerfactoModelConfig):
     """Rays rendered at once at evaluation time (memory vs. speed)."""
     camera_optimizer: CameraOptimizerConfig = field(default_factory=lambda: CameraOptimizerConfig(mode="off"))
     """Pose refinement; 'off' for exact (synthetic) poses, 'SO3xR3' for captured data."""
-    grid_resolutions: Tuple[int, ...] = (32, 96, 160)
+    grid_resolutions: tuple[int, ...] = (32, 96, 160)
     """Grid vertices along the longest side of the grid box at each coarse-to-fine stage."""
-    regrid_steps: Tuple[int, ...] = (100, 400)
+    regrid_steps: tuple[int, ...] = (100, 400)
     """Training steps at which the grid moves to the next resolution (one fewer than the resolutions)."""
     crop_to_occupied: bool = True
     """At each regrid, shrink the grid box to the occupied region (plus a margin)."""
@@ -103,9 +103,7 @@ class MMStyleBaseModel(NerfactoModel):
             density_init=density_init,
         )
         self.sampler = OccupancySampler(step_ratio=self.config.step_ratio, alpha_threshold=self.config.occupancy_alpha)
-        self.camera_optimizer = self.config.camera_optimizer.setup(
-            num_cameras=self.num_train_data, device="cpu"
-        )
+        self.camera_optimizer = self.config.camera_optimizer.setup(num_cameras=self.num_train_data, device="cpu")
         train_background = "random" if self.config.random_background_training else self.config.background_color
         self.renderer_rgb = RGBRenderer(background_color=train_background)
         self.rgb_loss = MSELoss()
@@ -118,7 +116,7 @@ class MMStyleBaseModel(NerfactoModel):
             self.lpips = LearnedPerceptualImagePatchSimilarity(normalize=True)
         self.step = 0
 
-    def get_param_groups(self) -> Dict[str, List[Parameter]]:
+    def get_param_groups(self) -> dict[str, list[Parameter]]:
         groups = {
             "grid": [self.field.density_grid, self.field.feature_grid],
             "fields": list(self.field.color_mlp.parameters()),
@@ -147,18 +145,20 @@ class MMStyleBaseModel(NerfactoModel):
         old = (self.field.density_grid, self.field.feature_grid)
         self.field.regrid(box, resolution)
         if optimizers is not None:
-            replace_parameters(optimizers, dict(zip(old, (self.field.density_grid, self.field.feature_grid))))
+            replace_parameters(
+                optimizers, dict(zip(old, (self.field.density_grid, self.field.feature_grid), strict=True))
+            )
         self.sampler.update(self.field)
 
     def get_training_callbacks(
         self, training_callback_attributes: TrainingCallbackAttributes
-    ) -> List[TrainingCallback]:
+    ) -> list[TrainingCallback]:
         optimizers = training_callback_attributes.optimizers
 
         def after_step(step: int) -> None:
             self.step = step
             done = step + 1
-            for regrid_step, resolution in zip(self.config.regrid_steps, self.config.grid_resolutions[1:]):
+            for regrid_step, resolution in zip(self.config.regrid_steps, self.config.grid_resolutions[1:], strict=True):
                 if done == regrid_step:
                     self.regrid(resolution, optimizers)
                     return
@@ -170,7 +170,7 @@ class MMStyleBaseModel(NerfactoModel):
 
     # ---- rendering ---------------------------------------------------------------------------------------
 
-    def get_outputs(self, ray_bundle: RayBundle) -> Dict[str, Tensor]:  # type: ignore[override]
+    def get_outputs(self, ray_bundle: RayBundle) -> dict[str, Tensor]:  # type: ignore[override]
         if self.training:
             self.camera_optimizer.apply_to_raybundle(ray_bundle)
         batch_shape = ray_bundle.origins.shape[:-1]
@@ -203,9 +203,11 @@ class MMStyleBaseModel(NerfactoModel):
             outputs["num_samples_per_ray"] = torch.tensor(samples.ray_indices.numel() / max(num_rays, 1))
         return outputs
 
-    def get_metrics_dict(self, outputs: Dict[str, Tensor], batch: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    def get_metrics_dict(self, outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:
         pred_rgb, gt_rgb = self.renderer_rgb.blend_background_for_loss_computation(
-            pred_image=outputs["rgb"], pred_accumulation=outputs["accumulation"], gt_image=batch["image"].to(self.device)
+            pred_image=outputs["rgb"],
+            pred_accumulation=outputs["accumulation"],
+            gt_image=batch["image"].to(self.device),
         )
         metrics = {"psnr": self.psnr(pred_rgb, gt_rgb)}
         if "num_samples_per_ray" in outputs:
@@ -214,10 +216,12 @@ class MMStyleBaseModel(NerfactoModel):
         return metrics
 
     def get_loss_dict(
-        self, outputs: Dict[str, Tensor], batch: Dict[str, Tensor], metrics_dict: Dict[str, Tensor] | None = None
-    ) -> Dict[str, Tensor]:
+        self, outputs: dict[str, Tensor], batch: dict[str, Tensor], metrics_dict: dict[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
         pred_rgb, gt_rgb = self.renderer_rgb.blend_background_for_loss_computation(
-            pred_image=outputs["rgb"], pred_accumulation=outputs["accumulation"], gt_image=batch["image"].to(self.device)
+            pred_image=outputs["rgb"],
+            pred_accumulation=outputs["accumulation"],
+            gt_image=batch["image"].to(self.device),
         )
         loss_dict = {"rgb_loss": self.rgb_loss(gt_rgb, pred_rgb)}
         if self.training:
@@ -225,8 +229,8 @@ class MMStyleBaseModel(NerfactoModel):
         return loss_dict
 
     def get_image_metrics_and_images(
-        self, outputs: Dict[str, Tensor], batch: Dict[str, Tensor]
-    ) -> Tuple[Dict[str, float], Dict[str, Tensor]]:
+        self, outputs: dict[str, Tensor], batch: dict[str, Tensor]
+    ) -> tuple[dict[str, float], dict[str, Tensor]]:
         gt_rgb = self.renderer_rgb.blend_background(batch["image"].to(self.device), self.config.background_color)
         predicted = outputs["rgb"]
         acc = colormaps.apply_colormap(outputs["accumulation"])
