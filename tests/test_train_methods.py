@@ -31,7 +31,7 @@ def test_method_trains_saves_and_reloads(method: str, tiny_scene: Path, tmp_path
     methods, _ = discover_methods()
     config = copy.deepcopy(methods[method])
     config.pipeline.datamanager.data = tiny_scene
-    setattr(config.pipeline.datamanager, "train_num_rays_per_batch", 256)
+    config.pipeline.datamanager.train_num_rays_per_batch = 256  # pyright: ignore[reportAttributeAccessIssue]
     config.output_dir = tmp_path / "runs"
     config.timestamp = "test"
     config.vis = "tensorboard"
@@ -41,8 +41,8 @@ def test_method_trains_saves_and_reloads(method: str, tiny_scene: Path, tmp_path
     config.steps_per_eval_batch = config.steps_per_eval_image = config.steps_per_eval_all_images = 10**6
     config.machine.device_type = "cpu"
     if hasattr(config.pipeline.model, "regrid_steps"):  # exercise the coarse-to-fine path in a short run
-        setattr(config.pipeline.model, "regrid_steps", (15, 30))
-        setattr(config.pipeline.model, "occupancy_warmup_steps", 8)
+        config.pipeline.model.regrid_steps = 15, 30  # pyright: ignore[reportAttributeAccessIssue]
+        config.pipeline.model.occupancy_warmup_steps = 8  # pyright: ignore[reportAttributeAccessIssue]
 
     config.save_config()
     trainer = config.setup(local_rank=0, world_size=1)
