@@ -44,7 +44,7 @@ class DemoArgs:
     """nerfstudio output folder for the run."""
     render_dir: Path = Path("renders")
     """Where videos are written."""
-    steps: int = 1500
+    steps: int = 800
     """Training iterations of the base field."""
     resolution: int = 128
     """Image size of the embedded scene."""
