@@ -31,6 +31,12 @@ def grid_shape_for(aabb: Float[Tensor, "2 3"], resolution: int) -> tuple[int, in
     return tuple(max(2, int(math.ceil(e / voxel))) for e in extent)  # type: ignore[return-value]
 
 
+def voxel_size_for(aabb: Float[Tensor, "2 3"], resolution: int) -> float:
+    """Edge length of one voxel of a grid with ``resolution`` vertices along the longest side of ``aabb``."""
+    dims = torch.tensor(grid_shape_for(aabb, resolution), dtype=aabb.dtype)
+    return float(((aabb[1] - aabb[0]) / (dims - 1)).max())
+
+
 def trilinear_corners(
     points: Float[Tensor, "N 3"], aabb: Float[Tensor, "2 3"], shape: tuple[int, int, int]
 ) -> tuple[Int[Tensor, "N 8"], Float[Tensor, "N 8"]]:

@@ -29,7 +29,7 @@ from torchmetrics.functional import structural_similarity_index_measure
 from torchmetrics.image import PeakSignalNoiseRatio
 
 from mmstyle_ns.compat.checkpoints import register_safe_globals
-from mmstyle_ns.fields.grid_field import DenseGridField, replace_parameters
+from mmstyle_ns.fields.grid_field import DenseGridField, replace_parameters, voxel_size_for
 from mmstyle_ns.fields.occupancy import OccupancySampler, packed_weights
 
 register_safe_globals()
@@ -92,8 +92,8 @@ class MMStyleBaseModel(NerfactoModel):
         if len(self.config.regrid_steps) != len(self.config.grid_resolutions) - 1:
             raise ValueError("regrid_steps needs exactly one entry fewer than grid_resolutions")
         aabb = self.scene_box.aabb.float()
-        coarse = DenseGridField(aabb, resolution=self.config.grid_resolutions[0])
-        density_init = -torch.log1p(torch.tensor(-self.config.initial_alpha)).item() / coarse.voxel_size()
+        coarse_voxel = voxel_size_for(aabb, self.config.grid_resolutions[0])
+        density_init = -torch.log1p(torch.tensor(-self.config.initial_alpha)).item() / coarse_voxel
         self.field = DenseGridField(
             aabb,
             resolution=self.config.grid_resolutions[0],

@@ -17,19 +17,7 @@ import numpy as np
 import tyro
 import yaml
 
-
-def look_at(eye: np.ndarray, target: np.ndarray, up: np.ndarray) -> np.ndarray:
-    """Camera-to-world ``[4, 4]`` in the OpenGL/nerfstudio convention (x right, y up, looking along -z)."""
-    forward = target - eye
-    forward = forward / np.linalg.norm(forward)
-    right = np.cross(forward, up)
-    if np.linalg.norm(right) < 1e-8:
-        right = np.cross(forward, np.array([1.0, 0.0, 0.0]))
-    right = right / np.linalg.norm(right)
-    true_up = np.cross(right, forward)
-    c2w = np.eye(4)
-    c2w[:3, 0], c2w[:3, 1], c2w[:3, 2], c2w[:3, 3] = right, true_up, -forward, eye
-    return c2w
+from mmstyle_ns.data.cameras import look_at
 
 
 def closest_point_to_axes(c2ws: np.ndarray) -> np.ndarray:
