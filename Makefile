@@ -6,7 +6,7 @@ BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed
 DATA ?= data/object360
 OUT ?= outputs
-DEMO_STEPS ?= 800
+DEMO_STEPS ?= 600
 
 # Passive OpenMP waiting keeps element-wise ops fast when another process shares the cores.
 export OMP_WAIT_POLICY ?= PASSIVE

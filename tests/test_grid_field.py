@@ -116,7 +116,7 @@ def test_sampler_skips_empty_space_and_stops_early() -> None:
     sampler = OccupancySampler(step_ratio=0.5, alpha_threshold=1e-2)
     with torch.no_grad():  # an opaque slab at x in [0.2, 0.4]
         x = torch.linspace(-1, 1, field.shape[0]).view(-1, 1, 1).expand(field.shape).reshape(-1, 1)
-        raw = torch.where((x > 0.2) & (x < 0.4), torch.tensor(60.0), torch.tensor(-30.0)) - field.density_shift
+        raw = torch.where((x > 0.2) & (x < 0.4), torch.tensor(10.0), torch.tensor(-20.0)) - field.density_shift
         field.density_grid.copy_(raw)
     origins = torch.tensor([[-3.0, 0.0, 0.25]]).repeat(4, 1)
     dirs = torch.tensor([[1.0, 0.0, 0.0]]).repeat(4, 1)

@@ -12,16 +12,15 @@ The grids grow coarse-to-fine: :meth:`DenseGridField.regrid` resamples them to a
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
+from nerfstudio.field_components.activations import trunc_exp
 from nerfstudio.field_components.encodings import SHEncoding
 from nerfstudio.fields.base_field import Field
 from torch import Tensor, nn
-
-_CORNERS = torch.tensor([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=torch.long)
 
 
 def grid_shape_for(aabb: Float[Tensor, "2 3"], resolution: int) -> tuple[int, int, int]:
@@ -43,24 +42,57 @@ def trilinear_corners(
     """Row indices of the eight grid vertices around each point and their trilinear weights.
 
     The grid has ``shape`` vertices per axis spanning ``aabb`` (vertex-aligned, like ``align_corners=True``);
-    points outside are clamped to the box.
+    points outside are clamped to the box. Corner ``c = 4i + 2j + k`` is vertex ``(x0 + i, y0 + j, z0 + k)``.
     """
-    dims = torch.tensor(shape, device=points.device)
-    x = (points - aabb[0]) / (aabb[1] - aabb[0]) * (dims - 1)
-    x = torch.minimum(x.clamp_min(0.0), (dims - 1).to(x.dtype))
-    base = torch.minimum(x.floor(), (dims - 2).to(x.dtype))
+    dims = torch.tensor(shape, device=points.device, dtype=points.dtype)
+    x = (points - aabb[0]) * ((dims - 1) / (aabb[1] - aabb[0]))
+    x = torch.minimum(x.clamp_min(0.0), dims - 1)
+    base = torch.minimum(x.floor(), dims - 2)
     frac = x - base
-    corners = base.long()[:, None, :] + _CORNERS.to(points.device)[None]  # [N, 8, 3]
-    index = (corners[..., 0] * shape[1] + corners[..., 1]) * shape[2] + corners[..., 2]
-    upper = _CORNERS.to(points.device).bool()[None]  # [1, 8, 3]
-    weights = torch.where(upper, frac[:, None, :], 1.0 - frac[:, None, :]).prod(-1)
-    return index, weights
+    base_index = base.long()
+    flat = (base_index[:, 0] * shape[1] + base_index[:, 1]) * shape[2] + base_index[:, 2]
+    offsets = torch.tensor(
+        [(i * shape[1] + j) * shape[2] + k for i in (0, 1) for j in (0, 1) for k in (0, 1)], device=points.device
+    )
+    index = flat[:, None] + offsets
+    pairs = torch.stack([1.0 - frac, frac], dim=1)  # [N, 2, 3]: weight of the lower / upper vertex per axis
+    weights = pairs[:, :, None, None, 0] * pairs[:, None, :, None, 1] * pairs[:, None, None, :, 2]
+    return index, weights.reshape(-1, 8)
+
+
+class _TrilinearLookup(torch.autograd.Function):
+    """Weighted sum of eight table rows per point; the backward scatters with ``index_add_``.
+
+    ``F.embedding_bag`` computes the same forward, but its CPU backward sorts the indices and is 5-15x slower than
+    a direct scatter-add for the small row widths of a radiance grid.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, table: Tensor, index: Tensor, weights: Tensor) -> Tensor:
+        ctx.save_for_backward(index, weights)
+        ctx.num_rows = table.shape[0]
+        return F.embedding_bag(index, table, per_sample_weights=weights, mode="sum")
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: Tensor) -> tuple[Tensor | None, None, None]:
+        (grad_out,) = grad_outputs
+        index, weights = ctx.saved_tensors
+        channels = grad_out.shape[-1]
+        grad_table = grad_out.new_zeros(ctx.num_rows, channels)
+        contributions = (weights[:, :, None] * grad_out[:, None, :]).reshape(-1, channels)
+        grad_table.index_add_(0, index.reshape(-1), contributions)
+        return grad_table, None, None
 
 
 def trilinear_lookup(
     table: Float[Tensor, "V C"], index: Int[Tensor, "N 8"], weights: Float[Tensor, "N 8"]
 ) -> Float[Tensor, "N C"]:
-    """Trilinear interpolation of grid rows ``table`` (one row per vertex) with precomputed corners."""
+    """Trilinear interpolation of grid rows ``table`` (one row per vertex) with precomputed corners.
+
+    Gradients flow to ``table`` only (corner weights are treated as constants).
+    """
+    if table.requires_grad and torch.is_grad_enabled():
+        return _TrilinearLookup.apply(table, index, weights)  # type: ignore[no-any-return]
     return F.embedding_bag(index, table, per_sample_weights=weights, mode="sum")
 
 
@@ -70,14 +102,18 @@ class DenseGridField(Field):
     Args:
         aabb: box the grids span, ``[2, 3]`` (min corner, max corner).
         resolution: grid vertices along the longest side of the box.
-        feature_dim: channels of the feature grid.
-        hidden_dim: width of the colour MLP.
+        feature_dim: channels of the feature grid (with ``color_mode="sh"`` it is ``3 * sh_levels**2``).
+        hidden_dim: width of the colour MLP (``color_mode="mlp"``).
         sh_levels: spherical-harmonic levels for the view direction (``levels**2`` coefficients).
         density_init: initial density (per unit length) of every voxel.
+        color_mode: ``"sh"`` stores RGB spherical-harmonic coefficients in the grid (Plenoxels-like: every
+            sample's colour is a direct parameter, which learns in few steps); ``"mlp"`` decodes the feature
+            grid with a small MLP conditioned on the encoded view direction (DVGO-like).
     """
 
     aabb: Tensor
     grid_dims: Tensor
+    density_scale: Tensor
 
     def __init__(
         self,
@@ -87,30 +123,47 @@ class DenseGridField(Field):
         hidden_dim: int = 64,
         sh_levels: int = 3,
         density_init: float = 0.1,
+        color_mode: Literal["sh", "mlp"] = "mlp",
     ) -> None:
         super().__init__()
+        self.color_mode = color_mode
+        self.sh_coefficients = sh_levels**2
+        if color_mode == "sh":
+            feature_dim = 3 * self.sh_coefficients
         self.feature_dim = feature_dim
         self.register_buffer("aabb", aabb.clone().float())
         self.register_buffer("grid_dims", torch.tensor(grid_shape_for(self.aabb, resolution)))
         vertices = int(self.grid_dims.prod())
-        # softplus(raw + shift) == density_init when raw == 0
-        self.density_shift = math.log(math.expm1(density_init))
+        # Density is exp(raw + shift) per coarse voxel: multiplicative steps let a few optimizer steps take a
+        # voxel from nearly transparent to opaque (or back); exp(shift) * scale == density_init when raw == 0.
+        self.register_buffer("density_scale", torch.tensor(1.0 / self.voxel_size()))
+        self.density_shift = math.log(density_init / float(self.density_scale))
         self.density_grid = nn.Parameter(torch.zeros(vertices, 1))
         self.feature_grid = nn.Parameter(torch.randn(vertices, feature_dim) * 0.1)
         self.direction_encoding = SHEncoding(levels=sh_levels, implementation="torch")
-        self.color_mlp = nn.Sequential(
-            nn.Linear(feature_dim + self.direction_encoding.get_out_dim(), hidden_dim),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden_dim, hidden_dim),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden_dim, 3),
-        )
+        self.color_mlp: nn.Module | None = None
+        if color_mode == "mlp":
+            self.color_mlp = nn.Sequential(
+                nn.Linear(feature_dim + self.direction_encoding.get_out_dim(), hidden_dim),
+                nn.ReLU(inplace=True),
+                nn.Linear(hidden_dim, hidden_dim),
+                nn.ReLU(inplace=True),
+                nn.Linear(hidden_dim, 3),
+            )
 
     @property
     def shape(self) -> tuple[int, int, int]:
         """Vertices per axis."""
         dims = self.grid_dims.tolist()
         return (int(dims[0]), int(dims[1]), int(dims[2]))
+
+    def vertex_positions(self) -> Float[Tensor, "V 3"]:
+        """World position of every grid vertex, in the row order of the grid tables."""
+        axes = [
+            torch.linspace(float(self.aabb[0, i]), float(self.aabb[1, i]), n, device=self.aabb.device)
+            for i, n in enumerate(self.shape)
+        ]
+        return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
 
     def voxel_size(self) -> float:
         """Edge length of one (cubic) voxel in world units."""
@@ -122,7 +175,7 @@ class DenseGridField(Field):
 
     def density_from_corners(self, index: Int[Tensor, "N 8"], weights: Float[Tensor, "N 8"]) -> Float[Tensor, "N 1"]:
         """Density (per unit length) from precomputed interpolation corners."""
-        return F.softplus(trilinear_lookup(self.density_grid, index, weights) + self.density_shift)
+        return self.activate_density(trilinear_lookup(self.density_grid, index, weights))
 
     def density_at(self, positions: Float[Tensor, "N 3"]) -> Float[Tensor, "N 1"]:
         """Density (per unit length) at world-space positions."""
@@ -134,11 +187,22 @@ class DenseGridField(Field):
         """View-dependent RGB in [0, 1] from interpolation corners and unit view directions."""
         features = trilinear_lookup(self.feature_grid, index, weights)
         encoded = self.direction_encoding((directions + 1.0) / 2.0)  # SHEncoding takes directions in [0, 1]
+        if self.color_mlp is None:  # RGB spherical-harmonic coefficients
+            coefficients = features.view(-1, 3, self.sh_coefficients)
+            return torch.sigmoid(torch.einsum("nck,nk->nc", coefficients, encoded))
         return torch.sigmoid(self.color_mlp(torch.cat([features, encoded], dim=-1)))
 
     def vertex_densities(self) -> Float[Tensor, "X Y Z"]:
         """Density at every grid vertex."""
-        return F.softplus(self.density_grid.detach()[:, 0] + self.density_shift).view(self.shape)
+        return self.activate_density(self.density_grid.detach()[:, 0]).view(self.shape)
+
+    def activate_density(self, raw: Tensor) -> Tensor:
+        """Density per unit length from raw grid values."""
+        return trunc_exp(raw + self.density_shift) * self.density_scale
+
+    def raw_density_for(self, density: float) -> float:
+        """Raw grid value whose density (per unit length) is ``density``."""
+        return math.log(density / float(self.density_scale)) - self.density_shift
 
     # nerfstudio's Field interface, used by generic tools (e.g. mesh/point-cloud export).
     def get_density(self, ray_samples: Any) -> tuple[Tensor, Tensor]:
@@ -169,7 +233,7 @@ class DenseGridField(Field):
         axes = [
             torch.linspace(float(aabb[0, i]), float(aabb[1, i]), n, device=aabb.device) for i, n in enumerate(new_shape)
         ]
-        points = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
+        points = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)  # new grid's vertices
         index, weights = self.corners(points)
         new_density = torch.cat(
             [

@@ -14,6 +14,7 @@ from typing import Literal
 
 import nerfacc
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float
 from nerfstudio.cameras.camera_optimizers import CameraOptimizerConfig
 from nerfstudio.cameras.rays import RayBundle
@@ -29,6 +30,7 @@ from torchmetrics.functional import structural_similarity_index_measure
 from torchmetrics.image import PeakSignalNoiseRatio
 
 from mmstyle_ns.compat.checkpoints import register_safe_globals
+from mmstyle_ns.fields.carving import view_support
 from mmstyle_ns.fields.grid_field import DenseGridField, replace_parameters, voxel_size_for
 from mmstyle_ns.fields.occupancy import OccupancySampler, packed_weights
 
@@ -52,20 +54,30 @@ class MMStyleBaseModelConfig(NerfactoModelConfig):
     """Pose refinement; 'off' for exact (synthetic) poses, 'SO3xR3' for captured data."""
     grid_resolutions: tuple[int, ...] = (32, 96, 160)
     """Grid vertices along the longest side of the grid box at each coarse-to-fine stage."""
-    regrid_steps: tuple[int, ...] = (100, 400)
+    regrid_steps: tuple[int, ...] = (30, 150)
     """Training steps at which the grid moves to the next resolution (one fewer than the resolutions)."""
     crop_to_occupied: bool = True
     """At each regrid, shrink the grid box to the occupied region (plus a margin)."""
+    init_from_views: bool = True
+    """Before the first step, crop the grid to the region the training cameras see and, when the images have
+    an alpha channel, start it empty outside the visual hull of the silhouettes."""
+    min_view_fraction: float = 0.25
+    """A point seen by fewer than this fraction of the training cameras starts empty (with init_from_views)."""
+    color_mode: Literal["sh", "mlp"] = "sh"
+    """Colour representation: RGB spherical harmonics stored in the grid ('sh', fastest to learn) or a feature
+    grid decoded by a small view-conditioned MLP ('mlp')."""
     feature_dim: int = 12
-    """Channels of the feature grid fed to the colour MLP."""
+    """Channels of the feature grid fed to the colour MLP (color_mode 'mlp')."""
     hidden_dim: int = 64
-    """Width of the colour MLP."""
-    sh_levels: int = 3
-    """Spherical-harmonic levels of the view-direction encoding (view-dependent colour)."""
+    """Width of the colour MLP (color_mode 'mlp')."""
+    sh_levels: int = 2
+    """Spherical-harmonic levels of the view dependence (levels**2 coefficients per colour channel)."""
     initial_alpha: float = 1e-2
     """Opacity of one voxel of the coarsest grid at initialisation."""
     occupancy_alpha: float = 2e-3
     """A voxel whose opacity (density times voxel size) is below this is treated as empty."""
+    early_stop_eps: float = 1e-3
+    """Samples behind which less than this much light gets through are skipped (early ray termination)."""
     occupancy_warmup_steps: int = 16
     """Every sample is evaluated until this step; empty-space skipping starts afterwards."""
     occupancy_update_every: int = 8
@@ -84,6 +96,7 @@ class MMStyleBaseModel(NerfactoModel):
     """
 
     config: MMStyleBaseModelConfig
+    views_initialized: Tensor
 
     def populate_modules(self) -> None:
         # nerfacto's populate_modules builds its hash-grid field, proposal networks and an LPIPS network whose
@@ -101,8 +114,13 @@ class MMStyleBaseModel(NerfactoModel):
             hidden_dim=self.config.hidden_dim,
             sh_levels=self.config.sh_levels,
             density_init=density_init,
+            color_mode=self.config.color_mode,
         )
-        self.sampler = OccupancySampler(step_ratio=self.config.step_ratio, alpha_threshold=self.config.occupancy_alpha)
+        self.sampler = OccupancySampler(
+            step_ratio=self.config.step_ratio,
+            alpha_threshold=self.config.occupancy_alpha,
+            early_stop_eps=self.config.early_stop_eps,
+        )
         self.camera_optimizer = self.config.camera_optimizer.setup(num_cameras=self.num_train_data, device="cpu")
         train_background = "random" if self.config.random_background_training else self.config.background_color
         self.renderer_rgb = RGBRenderer(background_color=train_background)
@@ -115,12 +133,12 @@ class MMStyleBaseModel(NerfactoModel):
 
             self.lpips = LearnedPerceptualImagePatchSimilarity(normalize=True)
         self.step = 0
+        self.register_buffer("views_initialized", torch.tensor(not self.config.init_from_views))
 
     def get_param_groups(self) -> dict[str, list[Parameter]]:
-        groups = {
-            "grid": [self.field.density_grid, self.field.feature_grid],
-            "fields": list(self.field.color_mlp.parameters()),
-        }
+        groups = {"grid": [self.field.density_grid, self.field.feature_grid]}
+        if self.field.color_mlp is not None:
+            groups["fields"] = list(self.field.color_mlp.parameters())
         self.camera_optimizer.get_param_groups(param_groups=groups)
         return groups
 
@@ -150,10 +168,61 @@ class MMStyleBaseModel(NerfactoModel):
             )
         self.sampler.update(self.field)
 
+    def _support_mask(self, points: Float[Tensor, "P 3"], dataset: object) -> Tensor:
+        cameras = dataset.cameras  # type: ignore[attr-defined]
+        intrinsics = torch.cat([cameras.fx, cameras.fy, cameras.cx, cameras.cy], dim=-1).to(points)
+        sizes = torch.cat([cameras.height, cameras.width], dim=-1)
+        alphas = None
+        first = dataset.get_image_float32(0)  # type: ignore[attr-defined]
+        if first.shape[-1] == 4:
+            alphas = [dataset.get_image_float32(i)[..., 3] for i in range(len(cameras))]  # type: ignore[attr-defined]
+        seen, carved = view_support(
+            points.cpu(), cameras.camera_to_worlds.float(), intrinsics.cpu(), sizes, alphas=alphas
+        )
+        return ((seen >= self.config.min_view_fraction * len(cameras)) & ~carved).to(points.device)
+
+    @torch.no_grad()
+    def initialize_from_views(self, dataset: object, optimizers: object | None = None) -> None:
+        """Crops the grid box to what the training views support and empties the rest of the grid.
+
+        ``dataset`` is nerfstudio's training dataset (its cameras, and its images' alpha channel if present).
+        Runs once per model (a buffer remembers it, so resuming from a checkpoint does not repeat it).
+        """
+        aabb = self.field.aabb
+        probe_res = 64
+        axes = [torch.linspace(float(aabb[0, i]), float(aabb[1, i]), probe_res) for i in range(3)]
+        probe = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3).to(aabb)
+        allowed = self._support_mask(probe, dataset).view(probe_res, probe_res, probe_res)
+        if not bool(allowed.any()):
+            self.views_initialized.fill_(True)
+            return
+        idx = allowed.nonzero()
+        step = (aabb[1] - aabb[0]) / (probe_res - 1)
+        lo = torch.maximum(aabb[0] + (idx.amin(0) - 2) * step, aabb[0])
+        hi = torch.minimum(aabb[0] + (idx.amax(0) + 2) * step, aabb[1])
+        old = (self.field.density_grid, self.field.feature_grid)
+        self.field.regrid(torch.stack([lo, hi]), self.config.grid_resolutions[0])
+        if optimizers is not None:
+            replace_parameters(
+                optimizers, dict(zip(old, (self.field.density_grid, self.field.feature_grid), strict=True))
+            )
+        vertices = self.field.vertex_positions()
+        inside = self._support_mask(vertices, dataset).view(self.field.shape)
+        inside = F.max_pool3d(inside[None, None].float(), kernel_size=3, stride=1, padding=1)[0, 0] > 0
+        empty = self.field.raw_density_for(1e-5 * float(self.field.density_scale))  # 1e-5 opacity per voxel
+        self.field.density_grid[~inside.reshape(-1)] = empty
+        self.sampler.update(self.field)
+        self.views_initialized.fill_(True)
+
     def get_training_callbacks(
         self, training_callback_attributes: TrainingCallbackAttributes
     ) -> list[TrainingCallback]:
         optimizers = training_callback_attributes.optimizers
+        dataset = training_callback_attributes.pipeline.datamanager.train_dataset  # type: ignore[union-attr]
+
+        def before_first_step(step: int) -> None:
+            if not bool(self.views_initialized):
+                self.initialize_from_views(dataset, optimizers)
 
         def after_step(step: int) -> None:
             self.step = step
@@ -166,7 +235,10 @@ class MMStyleBaseModel(NerfactoModel):
             if done >= warm and (done - warm) % self.config.occupancy_update_every == 0:
                 self.sampler.update(self.field)
 
-        return [TrainingCallback(where_to_run=[TrainingCallbackLocation.AFTER_TRAIN_ITERATION], func=after_step)]
+        return [
+            TrainingCallback(where_to_run=[TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], func=before_first_step),
+            TrainingCallback(where_to_run=[TrainingCallbackLocation.AFTER_TRAIN_ITERATION], func=after_step),
+        ]
 
     # ---- rendering ---------------------------------------------------------------------------------------
 
