@@ -43,6 +43,9 @@ def test_method_trains_saves_and_reloads(method: str, tiny_scene: Path, tmp_path
     if hasattr(config.pipeline.model, "regrid_steps"):  # exercise the coarse-to-fine path in a short run
         config.pipeline.model.regrid_steps = 15, 30  # pyright: ignore[reportAttributeAccessIssue]
         config.pipeline.model.occupancy_warmup_steps = 8  # pyright: ignore[reportAttributeAccessIssue]
+    if hasattr(config.pipeline.model, "reconstruction_steps"):  # reach the stylization stage too
+        config.pipeline.model.reconstruction_steps = 25  # pyright: ignore[reportAttributeAccessIssue]
+        config.pipeline.cache_dir = tmp_path / "style_cache"  # pyright: ignore[reportAttributeAccessIssue]
 
     config.save_config()
     trainer = config.setup(local_rank=0, world_size=1)

@@ -278,3 +278,27 @@ def replace_parameters(optimizers: Any, replacements: dict[nn.Parameter, nn.Para
             optimizer.state.pop(old, None)
     for name, params in getattr(optimizers, "parameters", {}).items():
         optimizers.parameters[name] = [replacements.get(p, p) for p in params]
+
+
+def sync_optimizer_parameters(optimizers: Any, groups: dict[str, list[nn.Parameter]]) -> None:
+    """Points nerfstudio's optimizers at a model's current parameters (e.g. after a checkpoint load resized them).
+
+    Loading a checkpoint can replace parameter objects (grids adopt the checkpoint's size) after the optimizers
+    were built; their state, loaded by position, moves to the replacement when the shapes agree.
+    """
+    for name, params in groups.items():
+        optimizer = optimizers.optimizers.get(name)
+        if optimizer is None:
+            continue
+        old = optimizer.param_groups[0]["params"]
+        if len(old) != len(params):
+            continue
+        replacements = {o: n for o, n in zip(old, params, strict=True) if o is not n}
+        for o, n in replacements.items():
+            state = optimizer.state.pop(o, None)
+            if state is not None and all(
+                not torch.is_tensor(v) or v.ndim == 0 or v.shape == n.shape for v in state.values()
+            ):
+                optimizer.state[n] = state
+        optimizer.param_groups[0]["params"] = list(params)
+        optimizers.parameters[name] = list(params)

@@ -31,8 +31,8 @@ from torchmetrics.image import PeakSignalNoiseRatio
 
 from mmstyle_ns.compat.checkpoints import register_safe_globals
 from mmstyle_ns.fields.carving import view_support
-from mmstyle_ns.fields.grid_field import DenseGridField, replace_parameters, voxel_size_for
-from mmstyle_ns.fields.occupancy import OccupancySampler, packed_weights
+from mmstyle_ns.fields.grid_field import DenseGridField, replace_parameters, sync_optimizer_parameters, voxel_size_for
+from mmstyle_ns.fields.occupancy import OccupancySampler, PackedSamples, packed_weights
 
 register_safe_globals()
 
@@ -219,6 +219,8 @@ class MMStyleBaseModel(NerfactoModel):
     ) -> list[TrainingCallback]:
         optimizers = training_callback_attributes.optimizers
         dataset = training_callback_attributes.pipeline.datamanager.train_dataset  # type: ignore[union-attr]
+        if optimizers is not None:  # callbacks are set up after a checkpoint load, which may resize the grids
+            sync_optimizer_parameters(optimizers, self.get_param_groups())
 
         def before_first_step(step: int) -> None:
             if not bool(self.views_initialized):
@@ -242,6 +244,34 @@ class MMStyleBaseModel(NerfactoModel):
 
     # ---- rendering ---------------------------------------------------------------------------------------
 
+    def march(
+        self, origins: Float[Tensor, "R 3"], directions: Float[Tensor, "R 3"]
+    ) -> tuple[PackedSamples, Float[Tensor, " S"], Float[Tensor, "S 3"]]:
+        """Samples rays through the field: packed samples, their rendering weights and their base colours."""
+        samples = self.sampler(self.field, origins, directions, near=self.config.near_plane, jitter=self.training)
+        index, corner_weights = self.field.corners(samples.positions)
+        sigmas = self.field.density_from_corners(index, corner_weights)[:, 0]
+        colors = self.field.color_from_corners(index, corner_weights, samples.directions)
+        weights, _, _ = packed_weights(samples.t_starts, samples.t_ends, sigmas, samples.ray_indices)
+        return samples, weights, colors
+
+    def composite(
+        self,
+        colors: Float[Tensor, "S 3"],
+        weights: Float[Tensor, " S"],
+        ray_indices: Tensor,
+        num_rays: int,
+        background: Literal["random", "black", "white"] | None,
+    ) -> Float[Tensor, "R 3"]:
+        """Volume-renders per-sample colours (``background=None``: the training background)."""
+        return self.renderer_rgb(
+            rgb=colors,
+            weights=weights[:, None],
+            ray_indices=ray_indices,
+            num_rays=num_rays,
+            background_color=background,
+        )
+
     def get_outputs(self, ray_bundle: RayBundle) -> dict[str, Tensor]:  # type: ignore[override]
         if self.training:
             self.camera_optimizer.apply_to_raybundle(ray_bundle)
@@ -249,18 +279,9 @@ class MMStyleBaseModel(NerfactoModel):
         origins = ray_bundle.origins.reshape(-1, 3)
         directions = ray_bundle.directions.reshape(-1, 3)
         num_rays = origins.shape[0]
-        samples = self.sampler(self.field, origins, directions, near=self.config.near_plane, jitter=self.training)
-        index, corner_weights = self.field.corners(samples.positions)
-        sigmas = self.field.density_from_corners(index, corner_weights)[:, 0]
-        colors = self.field.color_from_corners(index, corner_weights, samples.directions)
-        weights, _, _ = packed_weights(samples.t_starts, samples.t_ends, sigmas, samples.ray_indices)
-        rgb = self.renderer_rgb(
-            rgb=colors,
-            weights=weights[:, None],
-            ray_indices=samples.ray_indices,
-            num_rays=num_rays,
-            background_color=None if self.training else self.config.background_color,
-        )
+        samples, weights, colors = self.march(origins, directions)
+        background = None if self.training else self.config.background_color
+        rgb = self.composite(colors, weights, samples.ray_indices, num_rays, background)
         accumulation = nerfacc.accumulate_along_rays(weights, None, ray_indices=samples.ray_indices, n_rays=num_rays)
         t_mid = (samples.t_starts + samples.t_ends)[:, None] / 2
         depth = nerfacc.accumulate_along_rays(weights, t_mid, ray_indices=samples.ray_indices, n_rays=num_rays)
@@ -273,7 +294,19 @@ class MMStyleBaseModel(NerfactoModel):
         }
         if self.training:
             outputs["num_samples_per_ray"] = torch.tensor(samples.ray_indices.numel() / max(num_rays, 1))
+        outputs.update(self.extra_outputs(samples, weights, colors, num_rays, batch_shape))
         return outputs
+
+    def extra_outputs(
+        self,
+        samples: PackedSamples,
+        weights: Float[Tensor, " S"],
+        colors: Float[Tensor, "S 3"],
+        num_rays: int,
+        batch_shape: tuple[int, ...],
+    ) -> dict[str, Tensor]:
+        """Further outputs computed from the same samples (none here; subclasses add e.g. stylized colours)."""
+        return {}
 
     def get_metrics_dict(self, outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:
         pred_rgb, gt_rgb = self.renderer_rgb.blend_background_for_loss_computation(

@@ -1,0 +1,213 @@
+"""The ``mm-nerf`` pipeline: styles from the command line, stylization supervision, the stylization stage.
+
+Styles are parsed and validated when the pipeline is built — a missing or corrupt file, an unknown modality
+or a text/audio style without the model it needs stops the run before anything is trained or written.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
+from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
+from nerfstudio.utils.rich_utils import CONSOLE
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from mmstyle_ns.fields.grid_field import replace_parameters
+from mmstyle_ns.models.mm_nerf import MMNeRFModel, MMNeRFModelConfig, StyleTargets
+from mmstyle_ns.style.cache import StylizedViewCache, style_key_for
+from mmstyle_ns.style.extractor import MultimodalStyleExtractor, PreparedStyle
+from mmstyle_ns.style.sources import parse_style_specs
+from mmstyle_ns.style.targets import consistent_targets, stylized_views
+
+DEFAULT_STYLES = ("builtin:coffee", "builtin:hubble_deep_field", "builtin:chelsea")
+
+
+@dataclass
+class MMNeRFPipelineConfig(VanillaPipelineConfig):
+    """MM-NeRF pipeline: the vanilla pipeline plus the styles."""
+
+    _target: type = field(default_factory=lambda: MMNeRFPipeline)
+    model: MMNeRFModelConfig = field(default_factory=MMNeRFModelConfig)  # type: ignore[assignment]
+    """MM-NeRF model."""
+    styles: tuple[str, ...] = DEFAULT_STYLES
+    """Styles, any number: [name=]image:PATH, text:PROMPT, audio:PATH, builtin:NAME (images shipped with
+    scikit-image/matplotlib, e.g. coffee, astronaut, chelsea, rocket, hubble_deep_field, grace_hopper), or a
+    bare image/audio path. Example: --pipeline.styles starry.jpg "mono=image:art/ink.png" "text:a watercolor"."""
+    style_strength: float = 1.0
+    """Strength of the 2D stylization of the training views (0: none, 1: full)."""
+    cache_dir: Path | None = None
+    """Folder of the stylized-view cache; default: 'mmstyle_cache' inside the dataset folder."""
+    stylized_views: int = 32
+    """Training views stylized per style (evenly spread; 0: all). The 2D stylizer is the slow part of the set-up
+    and the multi-view consistent loss ties the views together, so a subset suffices."""
+    incremental_views: int = 16
+    """Training views stylized for a style added to a trained model (0: all); fewer views, faster to add."""
+
+
+class MMNeRFPipeline(VanillaPipeline):
+    """Vanilla pipeline whose model has one head per style and a cached stylization stage."""
+
+    config: MMNeRFPipelineConfig
+
+    def __init__(
+        self,
+        config: MMNeRFPipelineConfig,
+        device: str,
+        test_mode: Literal["test", "val", "inference"] = "val",
+        world_size: int = 1,
+        local_rank: int = 0,
+        grad_scaler: Any = None,
+    ) -> None:
+        sources = parse_style_specs(config.styles)  # raises StyleInputError before anything is built
+        extractor = MultimodalStyleExtractor(config.model.style_extractor)
+        extractor.check(sources)
+        super().__init__(config, device, test_mode, world_size, local_rank, grad_scaler)
+        self.extractor = extractor
+        self.prepared: list[PreparedStyle] = extractor.prepare(sources)
+        model = self.model
+        assert isinstance(model, MMNeRFModel), "mm-nerf needs an MMNeRFModel"
+        model.set_styles([p.source.name for p in self.prepared], torch.stack([p.embedding for p in self.prepared]))
+        model.to(device)
+        if world_size > 1:  # the heads were created after the DDP wrapper: wrap again so they are synchronised
+            self._model = DDP(model, device_ids=[local_rank] if torch.cuda.is_available() else None)  # type: ignore[assignment]
+        self.style_ready = False
+        self.stylization_seconds = 0.0
+        """Wall time the last :meth:`prepare_stylization` took."""
+
+    @property
+    def mm_model(self) -> MMNeRFModel:
+        """The model, unwrapped."""
+        model = self.model
+        assert isinstance(model, MMNeRFModel)
+        return model
+
+    def cache_root(self) -> Path:
+        """Folder of the stylized-view cache."""
+        if self.config.cache_dir is not None:
+            return Path(self.config.cache_dir)
+        config: Any = self.datamanager.config
+        data = config.data if config.data is not None else config.dataparser.data
+        return Path(str(data)) / "mmstyle_cache"
+
+    @torch.no_grad()
+    def prepare_stylization(self, optimizers: Any | None = None) -> None:
+        """Freezes the geometry, caches ray samples, stylizes the training views and builds the targets.
+
+        Styles with heads from a checkpoint are kept fixed; new ones start from the head of the most similar
+        trained style (incremental learning) and only they, with the shared style grid frozen, are trained.
+        """
+        start = time.perf_counter()
+        model = self.mm_model
+        model.freeze_geometry()
+        old_table = model.style_grid.table
+        if model.prepare_style_grid() and optimizers is not None:
+            replace_parameters(optimizers, {old_table: model.style_grid.table})
+        new = model.initialise_new_heads()
+        incremental = bool(model.trained_styles) and bool(new)
+        model.trainable = new if incremental else list(range(len(model.style_names)))
+        if incremental:
+            model.style_grid.table.requires_grad_(False)
+            for index, head in enumerate(model.heads):
+                head.requires_grad_(index in model.trainable)
+            CONSOLE.print(f"Adding styles {[model.style_names[i] for i in new]} to a trained model (incremental)")
+
+        dataset = self.datamanager.train_dataset
+        assert dataset is not None
+        cameras = dataset.cameras.to(self.device)
+        cache = model.build_sample_cache(cameras)
+        num, height, width = cache.image_shape
+        wanted = self.config.incremental_views if incremental else self.config.stylized_views
+        views = list(range(num))
+        if 0 < wanted < num:
+            views = np.linspace(0, num - 1, wanted).round().astype(int).tolist()
+        model.style_views = torch.tensor(views, device=self.device)
+        images = [dataset.get_image_float32(i).numpy() for i in views]
+
+        # geometry of the chosen views for the multi-view consistent targets
+        origins, directions = [], []
+        for i in views:
+            bundle = cameras.generate_rays(camera_indices=i, keep_shape=True)
+            origins.append(bundle.origins.cpu())
+            directions.append(bundle.directions.cpu())
+        sel = torch.tensor(views)
+        depth = cache.depth.view(num, height, width)[sel].cpu()
+        accumulation = cache.accumulation.view(num, height, width)[sel].cpu()
+        poses = cameras.camera_to_worlds[sel].cpu().float()
+        intrinsics = torch.cat([cameras.fx, cameras.fy, cameras.cx, cameras.cy], dim=-1)[sel].cpu().float()
+
+        stylizer = self.extractor.stylizer
+        view_cache = StylizedViewCache(self.cache_root())
+        strength = self.config.style_strength
+        model.style_targets = {}
+        for index in model.trainable:
+            prepared = self.prepared[index]
+            vector = stylizer.style_vector(prepared.image)
+
+            def stylize(image: np.ndarray, vector: np.ndarray = vector) -> np.ndarray:
+                return stylizer.stylize(image, vector, strength)
+
+            key = style_key_for(prepared, stylizer.identifier, strength)
+            targets = stylized_views(images, key, stylize, view_cache, f"Stylizing views ({prepared.source.name})")
+            consensus, valid = consistent_targets(
+                targets,
+                depth,
+                accumulation,
+                torch.stack(origins),
+                torch.stack(directions),
+                poses,
+                intrinsics,
+                neighbors=model.config.consistency_neighbors,
+            )
+            model.style_targets[index] = StyleTargets(
+                targets.to(self.device), consensus.to(self.device), valid.to(self.device)
+            )
+        self.style_ready = True
+        self.stylization_seconds = time.perf_counter() - start
+        CONSOLE.print(
+            f"Stylization ready in {self.stylization_seconds:.1f} s: {len(model.trainable)} style(s), "
+            f"{len(views)} views, {cache.positions.shape[0] / max(1, num * height * width):.2f} cached samples/pixel"
+        )
+
+    def style_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Random training pixels of the stylized views and the style trained at ``step`` (round robin)."""
+        model = self.mm_model
+        assert model.sample_cache is not None and model.style_views is not None
+        _, height, width = model.sample_cache.image_shape
+        count = int(self.datamanager.config.train_num_rays_per_batch)  # type: ignore[attr-defined]
+        device = self.device
+        view = torch.randint(0, len(model.style_views), (count,), device=device)
+        rows = torch.randint(0, height, (count,), device=device)
+        cols = torch.randint(0, width, (count,), device=device)
+        return view, rows, cols, model.trainable[step % len(model.trainable)]
+
+    def get_train_loss_dict(self, step: int):  # noqa: ANN201 - nerfstudio's signature
+        model = self.mm_model
+        if not model.in_style_stage(step):
+            return super().get_train_loss_dict(step)
+        if not self.style_ready:
+            self.prepare_stylization()
+        view, rows, cols, style = self.style_batch(step)
+        losses = model.style_loss(view, rows, cols, style)
+        metrics = {"style_index": torch.tensor(float(style))}
+        return {}, losses, metrics
+
+    def get_training_callbacks(
+        self, training_callback_attributes: TrainingCallbackAttributes
+    ) -> list[TrainingCallback]:
+        callbacks = super().get_training_callbacks(training_callback_attributes)
+        optimizers = training_callback_attributes.optimizers
+
+        def before_step(step: int) -> None:
+            if self.mm_model.in_style_stage(step) and not self.style_ready:
+                self.prepare_stylization(optimizers)
+
+        callbacks.append(
+            TrainingCallback(where_to_run=[TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], func=before_step)
+        )
+        return callbacks
