@@ -7,6 +7,7 @@ STAMP := $(VENV)/.installed
 DATA ?= data/object360
 OUT ?= outputs
 DEMO_STEPS ?= 600
+DEMO_STYLE_STEPS ?= 900
 
 # Passive OpenMP waiting keeps element-wise ops fast when another process shares the cores.
 export OMP_WAIT_POLICY ?= PASSIVE
@@ -26,7 +27,7 @@ $(STAMP): pyproject.toml constraints.txt
 env: $(STAMP)
 
 demo: env
-	$(BIN)/mmstyle-demo --data $(DATA) --output-dir $(OUT) --steps $(DEMO_STEPS)
+	$(BIN)/mmstyle-demo --data $(DATA) --output-dir $(OUT) --steps $(DEMO_STEPS) --stylization-steps $(DEMO_STYLE_STEPS)
 
 lint: env
 	$(BIN)/ruff check .

@@ -65,7 +65,9 @@ def stylized_views(
         if cache is None:
             styled = compute()
         else:
-            styled = cache.get_or_compute(style_key, view_key_for(content, (content.shape[0], content.shape[1])), compute)
+            styled = cache.get_or_compute(
+                style_key, view_key_for(content, (content.shape[0], content.shape[1])), compute
+            )
         if view.shape[-1] == 4:
             styled = styled * view[..., 3:] + (1.0 - view[..., 3:])
         out.append(torch.from_numpy(np.round(np.clip(styled, 0.0, 1.0) * 255.0).astype(np.uint8)))
