@@ -12,6 +12,7 @@ from nerfstudio.engine.trainer import TrainerConfig
 from nerfstudio.pipelines.base_pipeline import VanillaPipelineConfig
 from nerfstudio.plugins.types import MethodSpecification
 
+from mmstyle_ns.engine import MMStyleTrainerConfig
 from mmstyle_ns.models.base import MMStyleBaseModelConfig
 from mmstyle_ns.optim import FusedAdamOptimizerConfig
 
@@ -26,7 +27,7 @@ def default_machine() -> MachineConfig:
 
 def base_trainer_config(max_num_iterations: int = 600) -> TrainerConfig:
     """Trainer configuration of the base method; the stylization methods derive theirs from it."""
-    return TrainerConfig(
+    return MMStyleTrainerConfig(
         method_name="mmstyle-base",
         steps_per_eval_batch=100,
         steps_per_eval_image=500,

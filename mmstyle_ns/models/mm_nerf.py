@@ -130,8 +130,11 @@ class MMNeRFModel(MMStyleBaseModel):
             raise ValueError("set_styles needs one embedding per style and at least one style")
         self.style_names = list(names)
         self.style_embeddings = embeddings.float().to(self.style_embeddings.device)
+        # one shared starting colour head: heads begin at the same parameters, so blends between them stay
+        # between the styles (independently initialised MLPs would average into an unrelated one)
+        initial = self.color_spec.default_parameters()
         self.heads = nn.ModuleList(
-            StyleHead(embeddings.shape[1], self.config.head_hidden_dim, self.color_spec) for _ in names
+            StyleHead(embeddings.shape[1], self.config.head_hidden_dim, self.color_spec, initial) for _ in names
         )
         choices = [*names, ORIGINAL]
         self.viewer_style = ViewerDropdown("Style", names[0], choices)
@@ -148,6 +151,9 @@ class MMNeRFModel(MMStyleBaseModel):
         # Heads are matched by style name: a checkpoint trained with styles [a, b] loads into a model configured
         # with [b, a, c] (c then is a new style, trained incrementally). Runs before the children load, so
         # renaming the head keys here is what they see.
+        if not any(key.startswith(prefix) for key in state_dict):  # nerfstudio's pipeline-level second pass
+            super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+            return
         extra = state_dict.get(prefix + "_extra_state")
         saved_names = list(extra["style_names"]) if isinstance(extra, dict) else []
         head_prefix = prefix + "heads."
@@ -163,8 +169,13 @@ class MMNeRFModel(MMStyleBaseModel):
                 if rest.split(".", 1)[0] == str(old_index):
                     state_dict[f"{head_prefix}{new_index}.{rest.split('.', 1)[1]}"] = value
         saved_embeddings = state_dict.get(prefix + "style_embeddings")
-        if saved_embeddings is not None and saved_embeddings.shape != self.style_embeddings.shape:
-            state_dict[prefix + "style_embeddings"] = self.style_embeddings.clone()  # keep the configured styles'
+        if saved_embeddings is not None:  # by name too: the configured order wins
+            merged = self.style_embeddings.clone()
+            if saved_embeddings.ndim == 2 and saved_embeddings.shape[1] == merged.shape[1]:
+                for old_index, name in enumerate(saved_names):
+                    if name in self.style_names:
+                        merged[self.style_names.index(name)] = saved_embeddings[old_index].to(merged)
+            state_dict[prefix + "style_embeddings"] = merged
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def style_parameters(self, index: int) -> Float[Tensor, " P"]:
@@ -193,6 +204,11 @@ class MMNeRFModel(MMStyleBaseModel):
         return groups
 
     # ---- stylization stage ---------------------------------------------------------------------------------
+
+    def regrid(self, resolution: int, optimizers: object | None = None) -> None:
+        if self.sample_cache is not None:  # geometry is frozen once stylization has started
+            return
+        super().regrid(resolution, optimizers)
 
     def in_style_stage(self, step: int) -> bool:
         """Whether ``step`` belongs to the stylization stage."""

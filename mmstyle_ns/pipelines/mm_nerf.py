@@ -50,6 +50,11 @@ class MMNeRFPipelineConfig(VanillaPipelineConfig):
     """Training views stylized for a style added to a trained model (0: all); fewer views, faster to add."""
 
 
+    def check_inputs(self) -> None:
+        """Validates the styles (files, modalities, models they need); raises StyleInputError."""
+        MultimodalStyleExtractor(self.model.style_extractor).check(parse_style_specs(self.styles))
+
+
 class MMNeRFPipeline(VanillaPipeline):
     """Vanilla pipeline whose model has one head per style and a cached stylization stage."""
 

@@ -1,0 +1,53 @@
+"""nerfstudio trainer pieces shared by the methods: input checks before anything is written, tolerant resume.
+
+* ``ns-train`` writes ``config.yml`` before it builds the pipeline; :class:`MMStyleTrainerConfig` first runs the
+  pipeline config's ``check_inputs()`` (when it has one), so bad inputs stop the run with nothing written.
+* Resuming with ``--load-dir`` restores every optimizer's state; when a parameter group changed since the
+  checkpoint (e.g. a style was added), :class:`TolerantOptimizers` leaves that group's state fresh instead of
+  failing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from nerfstudio.engine.optimizers import Optimizers
+from nerfstudio.engine.trainer import Trainer, TrainerConfig
+from nerfstudio.utils.rich_utils import CONSOLE
+
+
+class TolerantOptimizers(Optimizers):
+    """nerfstudio's optimizers; loading skips groups whose parameters no longer match the checkpoint's."""
+
+    def load_optimizers(self, loaded_state: dict[str, Any]) -> None:
+        for name, state in loaded_state.items():
+            optimizer = self.optimizers.get(name)
+            if optimizer is None:
+                continue
+            saved = [len(group["params"]) for group in state["param_groups"]]
+            current = [len(group["params"]) for group in optimizer.param_groups]
+            if saved != current:
+                CONSOLE.print(f"Optimizer state of '{name}' not restored: its parameters changed since the checkpoint")
+                continue
+            optimizer.load_state_dict(state)
+
+
+class MMStyleTrainer(Trainer):
+    """nerfstudio's trainer with :class:`TolerantOptimizers`."""
+
+    def setup_optimizers(self) -> Optimizers:
+        return TolerantOptimizers(self.config.optimizers.copy(), self.pipeline.get_param_groups())
+
+
+@dataclass
+class MMStyleTrainerConfig(TrainerConfig):
+    """nerfstudio's trainer configuration; checks the pipeline's inputs before the config is saved."""
+
+    _target: type = field(default_factory=lambda: MMStyleTrainer)
+
+    def save_config(self) -> None:
+        check = getattr(self.pipeline, "check_inputs", None)
+        if callable(check):
+            check()
+        super().save_config()

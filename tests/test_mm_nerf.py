@@ -1,0 +1,561 @@
+"""Behaviour of ``mm-nerf`` (MM-NeRF, many styles in one NeRF) on a short CPU run through nerfstudio's Trainer.
+
+One module-scoped run trains the embedded ``tiny_scene`` (25 reconstruction + 30 stylization steps, two styles)
+and saves a checkpoint; the other tests inspect that pipeline or load its checkpoint into new pipelines (a style
+appended, styles reordered) without training from scratch again.
+
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from nerfstudio.cameras.cameras import Cameras
+from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManagerConfig
+from nerfstudio.engine.callbacks import TrainingCallbackAttributes, TrainingCallbackLocation
+from nerfstudio.engine.trainer import Trainer, TrainerConfig
+from torch import Tensor
+
+from mmstyle_ns.models.mm_nerf import ORIGINAL, MMNeRFModel, MMNeRFModelConfig
+from mmstyle_ns.pipelines.mm_nerf import MMNeRFPipeline, MMNeRFPipelineConfig
+from mmstyle_ns.style.sources import StyleInputError
+
+RECONSTRUCTION_STEPS = 25
+STYLIZATION_STEPS = 30
+STYLES = ("builtin:coffee", "builtin:chelsea")
+NAMES = ("coffee", "chelsea")
+ADDED_STYLE = "builtin:rocket"
+TEXT_FLAG = "--pipeline.model.style-extractor.text-to-image-model"
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------
+
+
+def _parts(config: TrainerConfig) -> tuple[MMNeRFPipelineConfig, MMNeRFModelConfig]:
+    pipeline = config.pipeline
+    assert isinstance(pipeline, MMNeRFPipelineConfig) and isinstance(pipeline.model, MMNeRFModelConfig)
+    return pipeline, pipeline.model
+
+
+def _config(scene: Path, root: Path, styles: tuple[str, ...], timestamp: str, iterations: int = 1) -> TrainerConfig:
+    """A short CPU ``mm-nerf`` run on the tiny scene, derived from the registered method config."""
+    from nerfstudio.plugins.registry import discover_methods
+
+    methods, _ = discover_methods()
+    config = copy.deepcopy(methods["mm-nerf"])
+    pipeline, model = _parts(config)
+    datamanager = pipeline.datamanager
+    assert isinstance(datamanager, VanillaDataManagerConfig)
+    datamanager.data = scene
+    datamanager.train_num_rays_per_batch = 256
+    pipeline.styles = styles
+    pipeline.stylized_views = 4
+    pipeline.incremental_views = 4
+    pipeline.cache_dir = root / "style_cache"
+    model.reconstruction_steps = RECONSTRUCTION_STEPS
+    # Both regrids inside the reconstruction stage (a regrid during stylization is a bug of its own, see
+    # test_regrid_during_stylization_keeps_geometry_frozen).
+    model.regrid_steps = (10, 20)
+    model.occupancy_warmup_steps = 8
+    config.output_dir = root / "runs"
+    config.timestamp = timestamp
+    config.vis = "tensorboard"
+    config.max_num_iterations = iterations
+    config.steps_per_save = 10**6
+    config.save_only_latest_checkpoint = True
+    config.steps_per_eval_batch = config.steps_per_eval_image = config.steps_per_eval_all_images = 10**6
+    config.machine.device_type = "cpu"
+    return config
+
+
+def _mm(pipeline: Any) -> MMNeRFModel:
+    assert isinstance(pipeline, MMNeRFPipeline)
+    return pipeline.mm_model
+
+
+@torch.no_grad()
+def _render(model: MMNeRFModel, camera: Cameras) -> dict[str, Tensor]:
+    was_training = model.training
+    model.eval()
+    outputs = model.get_outputs_for_camera(camera)
+    model.train(was_training)
+    return outputs
+
+
+def _head_state(model: MMNeRFModel, index: int) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in model.heads[index].state_dict().items()}
+
+
+def _same_state(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _set_view(model: MMNeRFModel, first: str, second: str, t: float) -> None:
+    model.viewer_style.value = first
+    model.viewer_blend_with.value = second
+    model.viewer_blend.value = t
+
+
+def _assert_cache_matches_live_rays(pipeline: MMNeRFPipeline, views: list[int], style: int) -> None:
+    model = pipeline.mm_model
+    assert model.sample_cache is not None
+    train_dataset = pipeline.datamanager.train_dataset
+    assert train_dataset is not None
+    cameras = train_dataset.cameras
+    _, height, width = model.sample_cache.image_shape
+    was_training = model.training
+    model.eval()  # the sampler jitters in training mode
+    try:
+        with torch.no_grad():
+            for view in views:
+                bundle = cameras.generate_rays(camera_indices=view, keep_shape=True)
+                pixels = view * height * width + torch.arange(height * width)
+                cached = model.render_cached(pixels, style)
+                live = model.render_uncached(bundle.origins.reshape(-1, 3), bundle.directions.reshape(-1, 3), style)
+                torch.testing.assert_close(cached, live, rtol=0, atol=1e-6)
+    finally:
+        model.train(was_training)
+
+
+def _total(losses: dict[str, Tensor]) -> Tensor:
+    return torch.stack(list(losses.values())).sum()
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ---- fixtures --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@dataclass
+class Trained:
+    """The module's one trained run."""
+
+    pipeline: MMNeRFPipeline
+    model: MMNeRFModel
+    checkpoint: Path
+    camera: Cameras
+    """An eval camera."""
+    renders: dict[str, Tensor]
+    """Outputs of ``camera`` right after training (viewer at its defaults)."""
+    scene: Path
+    root: Path
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_scene: Path, tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    root = tmp_path_factory.mktemp("mm_nerf")
+    config = _config(tiny_scene, root, STYLES, "trained", RECONSTRUCTION_STEPS + STYLIZATION_STEPS)
+    trainer = config.setup(local_rank=0, world_size=1)
+    trainer.setup()
+    trainer.train()
+    pipeline = trainer.pipeline
+    assert isinstance(pipeline, MMNeRFPipeline)
+    model = pipeline.mm_model
+    assert pipeline.style_ready and model.trainable == [0, 1]
+    checkpoints = sorted(config.get_checkpoint_dir().glob("step-*.ckpt"))
+    assert len(checkpoints) == 1
+    eval_dataset = pipeline.datamanager.eval_dataset
+    assert eval_dataset is not None
+    camera = eval_dataset.cameras[0:1]
+    return Trained(pipeline, model, checkpoints[0], camera, _render(model, camera), tiny_scene, root)
+
+
+@pytest.fixture(scope="module")
+def load_trained(trained: Trained) -> Callable[[tuple[str, ...]], MMNeRFPipeline]:
+    """Builds a pipeline configured with the given styles and loads the trained checkpoint into it (cached)."""
+    built: dict[tuple[str, ...], MMNeRFPipeline] = {}
+
+    def load(styles: tuple[str, ...]) -> MMNeRFPipeline:
+        if styles not in built:
+            config = _config(trained.scene, trained.root, styles, "loaded")
+            pipeline = config.pipeline.setup(device="cpu", test_mode="val")
+            assert isinstance(pipeline, MMNeRFPipeline)
+            state = torch.load(trained.checkpoint, map_location="cpu")
+            pipeline.load_pipeline(state["pipeline"], state["step"])
+            built[styles] = pipeline
+        return built[styles]
+
+    return load
+
+
+# ---- 1. one head per style ---------------------------------------------------------------------------------
+
+
+def test_heads_predict_different_parameters_and_renders_per_style(trained: Trained) -> None:
+    model, renders = trained.model, trained.renders
+    assert model.style_names == list(NAMES)
+    first, second = model.style_parameters(0).detach(), model.style_parameters(1).detach()
+    assert first.shape == second.shape == (model.color_spec.num_params,)
+    assert (first - second).abs().max() > 1e-2
+
+    solid = renders["accumulation"][..., 0] > 0.5
+    assert solid.float().mean() > 0.2, "the object should cover part of the view"
+    assert (renders["coffee"] - renders["chelsea"])[solid].abs().mean() > 1e-4
+    for name in (*NAMES, ORIGINAL):
+        assert renders[name].shape == renders["rgb"].shape and torch.isfinite(renders[name]).all()
+    # stylized, not the photorealistic colours; the viewer shows the first style by default
+    assert not torch.allclose(renders["coffee"], renders[ORIGINAL], atol=1e-3)
+    torch.testing.assert_close(renders["rgb"], renders[model.viewer_style.value], rtol=0, atol=0)
+
+
+# ---- 2. blending -------------------------------------------------------------------------------------------
+
+
+def test_blend_parameters_at_the_ends_are_the_pure_styles(trained: Trained) -> None:
+    model = trained.model
+    with torch.no_grad():
+        for a, b in ((0, 1), (1, 0)):
+            torch.testing.assert_close(model.blend_parameters(a, b, 0.0), model.style_parameters(a), rtol=0, atol=0)
+            torch.testing.assert_close(model.blend_parameters(a, b, 1.0), model.style_parameters(b), rtol=0, atol=0)
+            middle = model.blend_parameters(a, b, 0.5)
+            expected = 0.5 * (model.style_parameters(a) + model.style_parameters(b))
+            torch.testing.assert_close(middle, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_viewer_blend_endpoints_and_midpoint_path(trained: Trained) -> None:
+    model, camera, pure = trained.model, trained.camera, trained.renders
+    try:
+        for first, second in (("coffee", "chelsea"), ("chelsea", "coffee")):
+            _set_view(model, first, second, 0.0)
+            torch.testing.assert_close(_render(model, camera)["rgb"], pure[first], rtol=0, atol=1e-6)
+            _set_view(model, first, second, 1.0)
+            torch.testing.assert_close(_render(model, camera)["rgb"], pure[second], rtol=0, atol=1e-6)
+
+        # t = 0.5 between two styles renders the colour head under the blended parameters ...
+        _set_view(model, "coffee", "chelsea", 0.5)
+        middle = _render(model, camera)["rgb"]
+        assert (middle - pure["coffee"]).abs().max() > 1e-5 and (middle - pure["chelsea"]).abs().max() > 1e-5
+        model.eval()
+        with torch.no_grad():
+            bundle = camera.generate_rays(camera_indices=0, keep_shape=True)
+            samples, weights, _ = model.march(bundle.origins.reshape(-1, 3), bundle.directions.reshape(-1, 3))
+            keep = weights >= model.config.cache_min_weight
+            colors = model.stylized_colors(samples.positions[keep], model.blend_parameters(0, 1, 0.5))
+            direct = model._composite_white(
+                colors, weights[keep], samples.ray_indices[keep], bundle.origins[..., 0].numel()
+            )
+        torch.testing.assert_close(middle, direct.view_as(middle), rtol=0, atol=1e-6)
+
+        # ... and blending with the photorealistic render mixes the images
+        _set_view(model, "chelsea", ORIGINAL, 0.25)
+        mixed = _render(model, camera)["rgb"]
+        torch.testing.assert_close(mixed, 0.75 * pure["chelsea"] + 0.25 * pure[ORIGINAL], rtol=0, atol=1e-6)
+    finally:
+        _set_view(model, NAMES[0], ORIGINAL, 0.0)
+
+
+def test_viewer_blend_midpoint_lies_between_the_styles(trained: Trained) -> None:
+    model, camera, pure = trained.model, trained.camera, trained.renders
+    try:
+        _set_view(model, "coffee", "chelsea", 0.5)
+        middle = _render(model, camera)["rgb"]
+    finally:
+        _set_view(model, NAMES[0], ORIGINAL, 0.0)
+    solid = pure["accumulation"][..., 0] > 0.5
+    a, b, m = pure["coffee"][solid], pure["chelsea"][solid], middle[solid]
+    apart = (a - b).abs().mean()
+    assert apart > 1e-4
+    # strictly between: nearer to each style than the styles are to each other, and (the colour head is
+    # nonlinear, so per pixel only nearly always) inside the per-pixel range of the two styles
+    assert 0 < (m - a).abs().mean() < apart and 0 < (m - b).abs().mean() < apart
+    inside = (m >= torch.minimum(a, b) - 1e-4) & (m <= torch.maximum(a, b) + 1e-4)
+    assert inside.float().mean() > 0.9
+
+
+# ---- 3. incremental styles ---------------------------------------------------------------------------------
+
+
+LOAD_PATHS = [
+    pytest.param("model", id="model-load_state_dict"),
+    pytest.param("load-dir", id="ns-train-load-dir"),
+]
+
+
+@pytest.mark.parametrize("load_path", LOAD_PATHS)
+def test_added_style_trains_alone_and_leaves_old_styles_unchanged(
+    trained: Trained, monkeypatch: pytest.MonkeyPatch, load_path: str
+) -> None:
+    config = _config(trained.scene, trained.root, (*STYLES, ADDED_STYLE), f"incremental-{load_path}", iterations=6)
+    config.load_dir = trained.checkpoint.parent
+    trainer = config.setup(local_rank=0, world_size=1)
+    assert isinstance(trainer, Trainer)
+    if load_path != "load-dir":  # "load-dir" is nerfstudio's own --load-dir path, unchanged
+
+        def load_model_state() -> None:  # Trainer._load_checkpoint, loading the model's part of the state only
+            state = torch.load(trained.checkpoint, map_location="cpu")
+            model_state = {k[len("_model.") :]: v for k, v in state["pipeline"].items() if k.startswith("_model.")}
+            model = _mm(trainer.pipeline)
+            model.update_to_step(state["step"])
+            result = model.load_state_dict(model_state, strict=False)
+            assert not result.unexpected_keys and result.missing_keys
+            assert all(key.startswith(f"heads.{len(NAMES)}.") for key in result.missing_keys)
+            trainer._start_step = state["step"] + 1
+
+        monkeypatch.setattr(trainer, "_load_checkpoint", load_model_state)
+    trainer.setup()
+    pipeline = trainer.pipeline
+    assert isinstance(pipeline, MMNeRFPipeline)
+    model = pipeline.mm_model
+    new = model.style_names.index("rocket")
+    assert model.style_names == [*NAMES, "rocket"] and model.trained_styles == set(NAMES)
+
+    loaded = _render(model, trained.camera)
+    for name in NAMES:  # heads and shared grid came back by name
+        torch.testing.assert_close(loaded[name], trained.renders[name], rtol=0, atol=1e-6)
+
+    pipeline.prepare_stylization(trainer.optimizers)
+    # the new head starts as the head of the most similar trained style (cosine of the style embeddings)
+    embeddings = model.style_embeddings
+    scores = [F.cosine_similarity(embeddings[new], embeddings[i], dim=0) for i in range(len(NAMES))]
+    nearest = int(torch.stack(scores).argmax())
+    assert _same_state(_head_state(model, new), _head_state(model, nearest))
+    assert not _same_state(_head_state(model, new), _head_state(model, 1 - nearest))
+    # incremental mode: only the new head trains, the shared style grid is frozen
+    assert model.trainable == [new]
+    assert not model.style_grid.table.requires_grad
+    assert [any(p.requires_grad for p in head.parameters()) for head in model.heads] == [False, False, True]
+
+    old_heads = [_head_state(model, i) for i in range(len(NAMES))]
+    grid = model.style_grid.table.detach().clone()
+    new_head = _head_state(model, new)
+    initialised = _render(model, trained.camera)
+    trainer.train()
+    after = _render(model, trained.camera)
+
+    for index, name in enumerate(NAMES):
+        assert _same_state(_head_state(model, index), old_heads[index])
+        torch.testing.assert_close(after[name], loaded[name], rtol=0, atol=1e-6)
+    assert torch.equal(model.style_grid.table, grid)
+    assert not _same_state(_head_state(model, new), new_head)
+    assert (after["rocket"] - initialised["rocket"]).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("styles", [STYLES[::-1], (ADDED_STYLE, *STYLES[::-1])], ids=["swapped", "new-first"])
+def test_reordered_styles_load_each_head_by_name(
+    trained: Trained, load_trained: Callable[[tuple[str, ...]], MMNeRFPipeline], styles: tuple[str, ...]
+) -> None:
+    model = _mm(load_trained(styles))
+    for old_index, name in enumerate(NAMES):
+        assert _same_state(_head_state(model, model.style_names.index(name)), _head_state(trained.model, old_index))
+
+
+@pytest.mark.parametrize(
+    "styles",
+    [
+        pytest.param(STYLES[::-1], id="swapped"),
+        pytest.param((ADDED_STYLE, *STYLES[::-1]), id="new-first"),
+    ],
+)
+def test_reordered_styles_render_the_trained_styles(
+    trained: Trained, load_trained: Callable[[tuple[str, ...]], MMNeRFPipeline], styles: tuple[str, ...]
+) -> None:
+    model = _mm(load_trained(styles))
+    for old_index, name in enumerate(NAMES):
+        index = model.style_names.index(name)
+        torch.testing.assert_close(model.style_embeddings[index], trained.model.style_embeddings[old_index])
+    renders = _render(model, trained.camera)
+    for name in NAMES:
+        torch.testing.assert_close(renders[name], trained.renders[name], rtol=0, atol=1e-6)
+
+
+def test_load_dir_with_an_added_style_sets_up(trained: Trained) -> None:
+    config = _config(trained.scene, trained.root, (*STYLES, ADDED_STYLE), "load_dir")
+    config.load_dir = trained.checkpoint.parent
+    trainer = config.setup(local_rank=0, world_size=1)
+    trainer.setup()
+    model = _mm(trainer.pipeline)
+    assert trainer._start_step == RECONSTRUCTION_STEPS + STYLIZATION_STEPS
+    for index in range(len(NAMES)):
+        assert _same_state(_head_state(model, index), _head_state(trained.model, index))
+
+
+def test_regrid_during_stylization_keeps_geometry_frozen(trained: Trained) -> None:
+    config = _config(trained.scene, trained.root, STYLES, "regrid")
+    _, model_config = _parts(config)
+    model_config.regrid_steps = (10, RECONSTRUCTION_STEPS + 5)
+    model_config.grid_resolutions = (32, 96, 48)
+    pipeline = config.pipeline.setup(device="cpu", test_mode="val")
+    assert isinstance(pipeline, MMNeRFPipeline)
+    state = torch.load(trained.checkpoint, map_location="cpu")
+    pipeline.load_pipeline(state["pipeline"], state["step"])
+    pipeline.prepare_stylization()
+    model = pipeline.mm_model
+    attributes = TrainingCallbackAttributes(optimizers=None, grad_scaler=None, pipeline=pipeline, trainer=None)
+    callbacks = pipeline.get_training_callbacks(attributes)
+    step = RECONSTRUCTION_STEPS + 4  # its after-step callback would regrid
+    assert model.in_style_stage(step)
+    for callback in callbacks:
+        callback.run_callback_at_location(step, TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
+    assert not model.field.density_grid.requires_grad
+    _assert_cache_matches_live_rays(pipeline, views=[0], style=0)
+
+
+# ---- 4. the sample cache -----------------------------------------------------------------------------------
+
+
+def test_cached_render_and_loss_match_the_uncached_path(trained: Trained) -> None:
+    pipeline, model = trained.pipeline, trained.model
+    assert model.sample_cache is not None and model.style_views is not None
+    train_dataset = pipeline.datamanager.train_dataset
+    assert train_dataset is not None
+    cameras = train_dataset.cameras
+    _, height, width = model.sample_cache.image_shape
+    generator = torch.Generator().manual_seed(0)
+    count = 300
+    view = torch.randint(0, len(model.style_views), (count,), generator=generator)
+    rows = torch.randint(0, height, (count,), generator=generator)
+    cols = torch.randint(0, width, (count,), generator=generator)
+    cameras_of = model.style_views[view]
+    pixels = (cameras_of * height + rows) * width + cols
+
+    origins, directions = torch.empty(count, 3), torch.empty(count, 3)
+    for camera in cameras_of.unique().tolist():
+        bundle = cameras.generate_rays(camera_indices=camera, keep_shape=True)
+        mask = cameras_of == camera
+        origins[mask] = bundle.origins[rows[mask], cols[mask]]
+        directions[mask] = bundle.directions[rows[mask], cols[mask]]
+
+    _assert_cache_matches_live_rays(pipeline, views=[0, len(cameras) - 1], style=1)  # whole images
+    model.eval()  # the sampler jitters in training mode
+    params = [model.style_grid.table, *model.heads.parameters()]
+    try:
+        for style in range(len(NAMES)):
+            cached_losses = model.style_loss(view, rows, cols, style)
+            cached_grads = torch.autograd.grad(_total(cached_losses), params, allow_unused=True)
+
+            live = model.render_uncached(origins, directions, style)
+            torch.testing.assert_close(model.render_cached(pixels, style), live, rtol=0, atol=1e-6)
+            data = model.style_targets[style]
+            target = data.targets[view, rows, cols].float() / 255.0
+            consensus = data.consensus[view, rows, cols].float() / 255.0
+            valid = data.valid[view, rows, cols].float()[:, None]
+            assert valid.sum() > 0, "some sampled pixels should have a multi-view consistent target"
+            live_losses = {
+                "style_loss": F.mse_loss(live, target),
+                "consistency_loss": model.config.consistency_weight
+                * ((live - consensus) ** 2 * valid).sum()
+                / (3 * valid.sum()),
+            }
+            assert cached_losses.keys() == live_losses.keys()
+            for name, value in live_losses.items():
+                torch.testing.assert_close(cached_losses[name], value, rtol=1e-6, atol=1e-7)
+            assert cached_losses["style_loss"] > 0
+            live_grads = torch.autograd.grad(_total(live_losses), params, allow_unused=True)
+            for cached_grad, live_grad in zip(cached_grads, live_grads, strict=True):
+                if cached_grad is None or live_grad is None:
+                    assert cached_grad is None and live_grad is None
+                else:
+                    torch.testing.assert_close(cached_grad, live_grad, rtol=1e-5, atol=1e-7)
+    finally:
+        model.train()
+
+
+# ---- 5. bad style inputs -----------------------------------------------------------------------------------
+
+
+def _bad_spec(kind: str, folder: Path) -> tuple[str, str]:
+    """A bad style spec of the given kind and a fragment the error message must contain."""
+    if kind == "missing":
+        path = folder / "no_such_style.png"
+        return f"image:{path}", "does not exist"
+    if kind == "corrupt":
+        path = folder / "corrupt.png"
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+        return f"image:{path}", "not a readable image"
+    if kind == "modality":
+        return "foo:bar", "unknown modality 'foo'"
+    assert kind == "text"
+    return "text:a watercolor painting", TEXT_FLAG
+
+
+def _existing_run(config: TrainerConfig) -> Path:
+    base = config.get_base_dir()
+    (base / "nerfstudio_models").mkdir(parents=True)
+    (base / "sentinel.txt").write_text("earlier run, keep me")
+    (base / "config.yml").write_text("# the earlier run's config\n")
+    (base / "nerfstudio_models" / "step-000000007.ckpt").write_bytes(b"earlier checkpoint")
+    return base
+
+
+@pytest.mark.parametrize("kind", ["missing", "corrupt", "modality", "text"])
+def test_bad_style_fails_before_training_and_writes_nothing(tiny_scene: Path, tmp_path: Path, kind: str) -> None:
+    spec, fragment = _bad_spec(kind, tmp_path)
+    config = _config(tiny_scene, tmp_path, (STYLES[0], spec), "existing")
+    base = _existing_run(config)
+    before = _tree(tmp_path / "runs")
+    trainer = config.setup(local_rank=0, world_size=1)
+    assert isinstance(trainer, Trainer)
+    with pytest.raises(StyleInputError) as error:
+        trainer.setup()
+    message = str(error.value)
+    assert fragment in message
+    if kind in ("missing", "corrupt"):
+        assert spec.split(":", 1)[1] in message  # names the file
+    assert not hasattr(trainer, "pipeline"), "nothing was built"
+    assert _tree(tmp_path / "runs") == before, "the existing run was touched"
+    assert (base / "sentinel.txt").read_text() == "earlier run, keep me"
+    assert not (tmp_path / "style_cache").exists()
+
+
+def test_ns_train_with_a_bad_style_writes_nothing(tiny_scene: Path, tmp_path: Path) -> None:
+    from nerfstudio.scripts.train import main
+
+    config = _config(tiny_scene, tmp_path, (STYLES[0], "foo:bar"), "existing")
+    _existing_run(config)
+    before = _tree(tmp_path / "runs")
+    with pytest.raises(StyleInputError, match="unknown modality"):
+        main(config)
+    assert _tree(tmp_path / "runs") == before
+
+
+# ---- 6. one style per step ---------------------------------------------------------------------------------
+
+
+def test_stylization_step_gives_gradients_to_one_head_and_the_style_grid(trained: Trained) -> None:
+    pipeline, model = trained.pipeline, trained.model
+    model.zero_grad(set_to_none=True)
+    try:
+        seen = []
+        for step in (RECONSTRUCTION_STEPS + STYLIZATION_STEPS, RECONSTRUCTION_STEPS + STYLIZATION_STEPS + 1):
+            model.train()
+            _, losses, metrics = pipeline.get_train_loss_dict(step)
+            style = int(metrics["style_index"])
+            seen.append(style)
+            assert set(losses) == {"style_loss", "consistency_loss"}
+            _total(losses).backward()
+            for index, head in enumerate(model.heads):
+                grads = [p.grad for p in head.parameters()]
+                if index == style:
+                    assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads if g is not None) > 0
+                else:
+                    assert all(g is None or not g.any() for g in grads)
+            table_grad = model.style_grid.table.grad
+            assert table_grad is not None and table_grad.abs().sum() > 0
+            # frozen geometry and base colour get nothing
+            assert model.field.density_grid.grad is None and model.field.feature_grid.grad is None
+            model.zero_grad(set_to_none=True)
+        assert sorted(seen) == [0, 1], "consecutive steps train the styles in turn"
+    finally:
+        model.zero_grad(set_to_none=True)
