@@ -130,3 +130,24 @@ def test_sampler_skips_empty_space_and_stops_early() -> None:
     weights, _, _ = packed_weights(culled.t_starts, culled.t_ends, sigmas, culled.ray_indices)
     acc = torch.zeros(4).index_add_(0, culled.ray_indices, weights)
     torch.testing.assert_close(acc, torch.ones(4), atol=1e-3, rtol=0)
+
+
+def test_block_skipping_keeps_exactly_the_exhaustive_samples(monkeypatch) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    field = DenseGridField(AABB, resolution=48, density_init=1e-4)
+    with torch.no_grad():  # a few occupied blobs
+        verts = field.vertex_positions()
+        centres = torch.tensor([[0.3, 0.1, 0.2], [-0.5, -0.2, 0.5], [0.8, 0.3, -0.1]])
+        near = torch.cdist(verts, centres).min(-1).values < 0.12
+        field.density_grid.copy_(torch.where(near, 6.0, -20.0)[:, None] - field.density_shift)
+    sampler = OccupancySampler(step_ratio=0.5, alpha_threshold=1e-2)
+    sampler.update(field)
+    origins = torch.tensor([-3.0, 0.0, 0.2]) + torch.randn(512, 3) * 0.05
+    targets = AABB[0] + torch.rand(512, 3) * (AABB[1] - AABB[0])
+    dirs = F.normalize(targets - origins, dim=-1)
+    skipped = sampler(field, origins, dirs)
+    monkeypatch.setattr(sampler, "_block_grid", lambda: torch.ones(field.shape, dtype=torch.bool))
+    exhaustive = sampler(field, origins, dirs)
+    assert skipped.positions.shape[0] > 0
+    torch.testing.assert_close(skipped.ray_indices, exhaustive.ray_indices)
+    torch.testing.assert_close(skipped.t_starts, exhaustive.t_starts)

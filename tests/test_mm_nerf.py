@@ -107,7 +107,7 @@ def _set_view(model: MMNeRFModel, first: str, second: str, t: float) -> None:
 
 def _assert_cache_matches_live_rays(pipeline: MMNeRFPipeline, views: list[int], style: int) -> None:
     model = pipeline.mm_model
-    assert model.sample_cache is not None
+    assert model.sample_cache is not None and model.cached_cameras is not None
     train_dataset = pipeline.datamanager.train_dataset
     assert train_dataset is not None
     cameras = train_dataset.cameras
@@ -116,8 +116,9 @@ def _assert_cache_matches_live_rays(pipeline: MMNeRFPipeline, views: list[int], 
     model.eval()  # the sampler jitters in training mode
     try:
         with torch.no_grad():
-            for view in views:
-                bundle = cameras.generate_rays(camera_indices=view, keep_shape=True)
+            for view in views:  # views of the sample cache
+                camera = int(model.cached_cameras[view])
+                bundle = cameras.generate_rays(camera_indices=camera, keep_shape=True)
                 pixels = view * height * width + torch.arange(height * width)
                 cached = model.render_cached(pixels, style)
                 live = model.render_uncached(bundle.origins.reshape(-1, 3), bundle.directions.reshape(-1, 3), style)
@@ -417,7 +418,7 @@ def test_regrid_during_stylization_keeps_geometry_frozen(trained: Trained) -> No
 
 def test_cached_render_and_loss_match_the_uncached_path(trained: Trained) -> None:
     pipeline, model = trained.pipeline, trained.model
-    assert model.sample_cache is not None and model.style_views is not None
+    assert model.sample_cache is not None and model.style_views is not None and model.cached_cameras is not None
     train_dataset = pipeline.datamanager.train_dataset
     assert train_dataset is not None
     cameras = train_dataset.cameras
@@ -427,8 +428,9 @@ def test_cached_render_and_loss_match_the_uncached_path(trained: Trained) -> Non
     view = torch.randint(0, len(model.style_views), (count,), generator=generator)
     rows = torch.randint(0, height, (count,), generator=generator)
     cols = torch.randint(0, width, (count,), generator=generator)
-    cameras_of = model.style_views[view]
-    pixels = (cameras_of * height + rows) * width + cols
+    cached_view = model.style_views[view]
+    pixels = (cached_view * height + rows) * width + cols
+    cameras_of = model.cached_cameras[cached_view]
 
     origins, directions = torch.empty(count, 3), torch.empty(count, 3)
     for camera in cameras_of.unique().tolist():
@@ -437,7 +439,7 @@ def test_cached_render_and_loss_match_the_uncached_path(trained: Trained) -> Non
         origins[mask] = bundle.origins[rows[mask], cols[mask]]
         directions[mask] = bundle.directions[rows[mask], cols[mask]]
 
-    _assert_cache_matches_live_rays(pipeline, views=[0, len(cameras) - 1], style=1)  # whole images
+    _assert_cache_matches_live_rays(pipeline, views=[0, len(model.cached_cameras) - 1], style=1)  # whole images
     model.eval()  # the sampler jitters in training mode
     params = [model.style_grid.table, *model.heads.parameters()]
     try:

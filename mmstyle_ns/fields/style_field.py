@@ -95,13 +95,12 @@ class StyleHead(nn.Module):
     """One style's parameter-prediction head: style embedding -> colour-head parameters.
 
     The last layer starts with small weights and a bias equal to a standard colour-head initialisation
-    (``initial``, shared by all heads of a model), so a fresh head predicts a sensible colour head; a head added incrementally is instead copied from the head of
+    (``initial``, shared by all heads of a model), so a fresh head predicts a sensible colour head; a head added
+    incrementally is instead copied from the head of
     the most similar existing style.
     """
 
-    def __init__(
-        self, embedding_dim: int, hidden_dim: int, spec: ColorHeadSpec, initial: Tensor | None = None
-    ) -> None:
+    def __init__(self, embedding_dim: int, hidden_dim: int, spec: ColorHeadSpec, initial: Tensor | None = None) -> None:
         super().__init__()
         self.layers = nn.Sequential(
             nn.Linear(embedding_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, spec.num_params)

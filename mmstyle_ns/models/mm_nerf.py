@@ -118,7 +118,9 @@ class MMNeRFModel(MMStyleBaseModel):
         """Indices of the styles trained in the stylization stage."""
         self.sample_cache: SampleCache | None = None
         self.style_views: Tensor | None = None
-        """Training cameras that have stylized targets ``[V]``."""
+        """Index of each stylized view in the sample cache ``[V]``."""
+        self.cached_cameras: Tensor | None = None
+        """Training-camera index of each view in the sample cache ``[C]``."""
         self.style_targets: dict[int, StyleTargets] = {}
         """Supervision of each trainable style over ``style_views``."""
 

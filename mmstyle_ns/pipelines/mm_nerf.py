@@ -49,7 +49,6 @@ class MMNeRFPipelineConfig(VanillaPipelineConfig):
     incremental_views: int = 16
     """Training views stylized for a style added to a trained model (0: all); fewer views, faster to add."""
 
-
     def check_inputs(self) -> None:
         """Validates the styles (files, modalities, models they need); raises StyleInputError."""
         MultimodalStyleExtractor(self.model.style_extractor).check(parse_style_specs(self.styles))
@@ -125,26 +124,29 @@ class MMNeRFPipeline(VanillaPipeline):
         dataset = self.datamanager.train_dataset
         assert dataset is not None
         cameras = dataset.cameras.to(self.device)
-        cache = model.build_sample_cache(cameras)
-        num, height, width = cache.image_shape
+        num = len(cameras)
         wanted = self.config.incremental_views if incremental else self.config.stylized_views
         views = list(range(num))
         if 0 < wanted < num:
             views = np.linspace(0, num - 1, wanted).round().astype(int).tolist()
-        model.style_views = torch.tensor(views, device=self.device)
+        sel = torch.tensor(views)
+        chosen = cameras[sel.to(cameras.device)]
+        cache = model.build_sample_cache(chosen)  # only the stylized views are ever sampled
+        _, height, width = cache.image_shape
+        model.style_views = torch.arange(len(views), device=self.device)
+        model.cached_cameras = sel
         images = [dataset.get_image_float32(i).numpy() for i in views]
 
         # geometry of the chosen views for the multi-view consistent targets
         origins, directions = [], []
-        for i in views:
-            bundle = cameras.generate_rays(camera_indices=i, keep_shape=True)
+        for i in range(len(views)):
+            bundle = chosen.generate_rays(camera_indices=i, keep_shape=True)
             origins.append(bundle.origins.cpu())
             directions.append(bundle.directions.cpu())
-        sel = torch.tensor(views)
-        depth = cache.depth.view(num, height, width)[sel].cpu()
-        accumulation = cache.accumulation.view(num, height, width)[sel].cpu()
-        poses = cameras.camera_to_worlds[sel].cpu().float()
-        intrinsics = torch.cat([cameras.fx, cameras.fy, cameras.cx, cameras.cy], dim=-1)[sel].cpu().float()
+        depth = cache.depth.view(len(views), height, width).cpu()
+        accumulation = cache.accumulation.view(len(views), height, width).cpu()
+        poses = chosen.camera_to_worlds.cpu().float()
+        intrinsics = torch.cat([chosen.fx, chosen.fy, chosen.cx, chosen.cy], dim=-1).cpu().float()
 
         stylizer = self.extractor.stylizer
         view_cache = StylizedViewCache(self.cache_root())
@@ -176,7 +178,7 @@ class MMNeRFPipeline(VanillaPipeline):
         self.stylization_seconds = time.perf_counter() - start
         CONSOLE.print(
             f"Stylization ready in {self.stylization_seconds:.1f} s: {len(model.trainable)} style(s), "
-            f"{len(views)} views, {cache.positions.shape[0] / max(1, num * height * width):.2f} cached samples/pixel"
+            f"{len(views)} views, {cache.positions.shape[0] / max(1, len(views) * height * width):.2f} samples/pixel"
         )
 
     def style_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
