@@ -66,7 +66,7 @@ def base_trainer_config(max_num_iterations: int = 600) -> TrainerConfig:
 mmstyle_base = MethodSpecification(
     config=base_trainer_config(),
     description=(
-        "mmstyle_ns photorealistic base field: dense voxel grids + tiny view-dependent colour MLP with "
+        "mmstyle_ns photorealistic base field: dense voxel grids of density and view-dependent (SH) colour with "
         "empty-space skipping; trains in about two minutes on a CPU. Start here, then stylize."
     ),
 )
