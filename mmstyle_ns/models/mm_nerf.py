@@ -15,6 +15,9 @@ and cached on disk, plus the multi-view style-consistent term (see :mod:`mmstyle
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +34,21 @@ from mmstyle_ns.fields.occupancy import PackedSamples
 from mmstyle_ns.fields.style_field import ColorHeadSpec, FeatureGrid, StyleHead
 from mmstyle_ns.models.base import MMStyleBaseModel, MMStyleBaseModelConfig
 from mmstyle_ns.style.extractor import StyleExtractorConfig, most_similar
+
+_PENDING_STYLES: contextvars.ContextVar[tuple[list[str], Tensor] | None] = contextvars.ContextVar(
+    "mmstyle_pending_styles", default=None
+)
+
+
+@contextlib.contextmanager
+def pending_styles(names: list[str], embeddings: Float[Tensor, "S D"]) -> Iterator[None]:
+    """Styles a model built inside this block creates its heads for (the pipeline prepares them first)."""
+    token = _PENDING_STYLES.set((list(names), embeddings))
+    try:
+        yield
+    finally:
+        _PENDING_STYLES.reset(token)
+
 
 ORIGINAL = "original"
 """Output name (and viewer choice) of the unstylized, photorealistic render."""
@@ -123,11 +141,14 @@ class MMNeRFModel(MMStyleBaseModel):
         """Training-camera index of each view in the sample cache ``[C]``."""
         self.style_targets: dict[int, StyleTargets] = {}
         """Supervision of each trainable style over ``style_views``."""
+        pending = _PENDING_STYLES.get()
+        if pending is not None:
+            self.set_styles(*pending)
 
     # ---- styles ------------------------------------------------------------------------------------------
 
     def set_styles(self, names: list[str], embeddings: Float[Tensor, "S D"]) -> None:
-        """Creates one head per style (called by the pipeline before checkpoints are loaded)."""
+        """Creates one head per style and the viewer controls (at construction, see :func:`pending_styles`)."""
         if len(names) != embeddings.shape[0] or len(names) == 0:
             raise ValueError("set_styles needs one embedding per style and at least one style")
         self.style_names = list(names)

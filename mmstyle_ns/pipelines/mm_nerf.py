@@ -16,10 +16,9 @@ import torch
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
 from nerfstudio.utils.rich_utils import CONSOLE
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mmstyle_ns.fields.grid_field import replace_parameters
-from mmstyle_ns.models.mm_nerf import MMNeRFModel, MMNeRFModelConfig, StyleTargets
+from mmstyle_ns.models.mm_nerf import MMNeRFModel, MMNeRFModelConfig, StyleTargets, pending_styles
 from mmstyle_ns.style.cache import StylizedViewCache, style_key_for
 from mmstyle_ns.style.extractor import MultimodalStyleExtractor, PreparedStyle
 from mmstyle_ns.style.sources import parse_style_specs
@@ -71,15 +70,14 @@ class MMNeRFPipeline(VanillaPipeline):
         sources = parse_style_specs(config.styles)  # raises StyleInputError before anything is built
         extractor = MultimodalStyleExtractor(config.model.style_extractor)
         extractor.check(sources)
-        super().__init__(config, device, test_mode, world_size, local_rank, grad_scaler)
         self.extractor = extractor
         self.prepared: list[PreparedStyle] = extractor.prepare(sources)
-        model = self.model
-        assert isinstance(model, MMNeRFModel), "mm-nerf needs an MMNeRFModel"
-        model.set_styles([p.source.name for p in self.prepared], torch.stack([p.embedding for p in self.prepared]))
-        model.to(device)
-        if world_size > 1:  # the heads were created after the DDP wrapper: wrap again so they are synchronised
-            self._model = DDP(model, device_ids=[local_rank] if torch.cuda.is_available() else None)  # type: ignore[assignment]
+        names = [p.source.name for p in self.prepared]
+        embeddings = torch.stack([p.embedding for p in self.prepared])
+        # the model creates its heads while it is built, so that multi-device training wraps them too
+        with pending_styles(names, embeddings):
+            super().__init__(config, device, test_mode, world_size, local_rank, grad_scaler)
+        assert isinstance(self.model, MMNeRFModel), "mm-nerf needs an MMNeRFModel"
         self.style_ready = False
         self.stylization_seconds = 0.0
         """Wall time the last :meth:`prepare_stylization` took."""
