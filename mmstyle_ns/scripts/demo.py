@@ -83,7 +83,8 @@ def main(args: DemoArgs) -> list[Path]:
         _run([_bin("ns-render"), "camera-path", "--load-config", str(config), "--camera-path-filename",
               str(camera_path), "--rendered-output-names", name, "--output-path", str(video)])  # fmt: skip
         videos.append(video)
-    _run([_bin("mmstyle-mm-eval"), "--load-config", str(config), "--output-dir", str(args.render_dir / "mm_nerf_eval")])
+    _run([_bin("mmstyle-mm-eval"), "--load-config", str(config), "--output-dir", str(args.render_dir / "mm_nerf_eval"),
+          "--num-frames", "24", "--gaps", "1", "6"])  # fmt: skip
     print(
         f"demo done in {time.perf_counter() - start:.0f} s: videos {', '.join(str(v) for v in videos)}; "
         f"contact sheet {args.render_dir / 'mm_nerf_eval' / 'contact_sheet.png'}; run {config.parent}"
