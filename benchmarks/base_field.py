@@ -97,6 +97,8 @@ def nerfacto_small(max_steps: int) -> TrainerConfig:
     assert isinstance(config.pipeline.datamanager, VanillaDataManagerConfig)
     config.pipeline.datamanager.train_num_rays_per_batch = 512
     config.max_num_iterations = max_steps
+    if not torch.cuda.is_available():
+        config.machine.device_type = "cpu"
     return config
 
 

@@ -33,7 +33,7 @@ class Args:
     """Timed steps per measurement."""
     first_stylization_steps: int = 900
     """Stylization steps of the first stylization (3 styles)."""
-    incremental_steps: int = 150
+    incremental_steps: int = 100
     """Training steps of the incremental style."""
 
 

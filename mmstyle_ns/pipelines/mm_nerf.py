@@ -45,7 +45,7 @@ class MMNeRFPipelineConfig(VanillaPipelineConfig):
     stylized_views: int = 32
     """Training views stylized per style (evenly spread; 0: all). The 2D stylizer is the slow part of the set-up
     and the multi-view consistent loss ties the views together, so a subset suffices."""
-    incremental_views: int = 16
+    incremental_views: int = 8
     """Training views stylized for a style added to a trained model (0: all); fewer views, faster to add."""
 
     def check_inputs(self) -> None:

@@ -29,7 +29,7 @@ class AddStyleArgs:
     """config.yml of the trained mm-nerf run."""
     styles: tuple[str, ...]
     """Styles to add, in the same syntax as --pipeline.styles (e.g. builtin:rocket, image:art.png)."""
-    steps: int = 150
+    steps: int = 100
     """Training iterations of the new heads (all new styles share them, one style per iteration)."""
     timestamp: str = "add-style"
     """Name of the new run folder, next to the loaded one."""
