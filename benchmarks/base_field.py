@@ -77,9 +77,25 @@ def time_to(rows: list[tuple[float, int, float]], psnr: float) -> float:
     return next((r[0] for r in rows if r[2] >= psnr), float("nan"))
 
 
+class _NoLPIPS(torch.nn.Module):
+    """Stands in for nerfacto's LPIPS network, whose AlexNet weights would be downloaded when the model is built.
+
+    The benchmark scores PSNR only, so LPIPS is never evaluated; using it fails loudly.
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__()
+
+    def forward(self, *args: object) -> torch.Tensor:
+        raise RuntimeError("LPIPS is not available in this benchmark")
+
+
 def nerfacto_small(max_steps: int) -> TrainerConfig:
     """nerfacto with the small CPU settings (512 rays, 2^14 table, 8 levels, hidden 32, torch hash grid)."""
+    import nerfstudio.models.nerfacto as nerfacto_module
     from nerfstudio.configs.method_configs import method_configs
+
+    nerfacto_module.LearnedPerceptualImagePatchSimilarity = _NoLPIPS  # type: ignore[misc]
     from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManagerConfig
     from nerfstudio.models.nerfacto import NerfactoModelConfig
 
