@@ -92,10 +92,10 @@ class _NoLPIPS(torch.nn.Module):
 
 def nerfacto_small(max_steps: int) -> TrainerConfig:
     """nerfacto with the small CPU settings (512 rays, 2^14 table, 8 levels, hidden 32, torch hash grid)."""
-    import nerfstudio.models.nerfacto as nerfacto_module
+    import torchmetrics.image.lpip as lpip_module
     from nerfstudio.configs.method_configs import method_configs
 
-    nerfacto_module.LearnedPerceptualImagePatchSimilarity = _NoLPIPS  # type: ignore[misc]
+    lpip_module.LearnedPerceptualImagePatchSimilarity = _NoLPIPS  # type: ignore[misc]  # nerfacto imports it late
     from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManagerConfig
     from nerfstudio.models.nerfacto import NerfactoModelConfig
 
