@@ -31,6 +31,8 @@ class AddStyleArgs:
     """Styles to add, in the same syntax as --pipeline.styles (e.g. builtin:rocket, image:art.png)."""
     steps: int = 100
     """Training iterations of the new heads (all new styles share them, one style per iteration)."""
+    views: int = 8
+    """Training views stylized for the new styles (0: all)."""
     timestamp: str = "add-style"
     """Name of the new run folder, next to the loaded one."""
 
@@ -60,6 +62,7 @@ def add_styles(args: AddStyleArgs) -> tuple[Path, float]:
     start = time.perf_counter()
     config = copy.deepcopy(config)
     config.pipeline.styles = (*config.pipeline.styles, *new_specs)
+    config.pipeline.incremental_views = args.views
     config.timestamp = args.timestamp
     config.load_dir = None
     device = "cuda" if torch.cuda.is_available() and config.machine.device_type == "cuda" else "cpu"
