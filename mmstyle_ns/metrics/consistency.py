@@ -29,6 +29,8 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from mmstyle_ns.fields.carving import project_points
+
 Array = Tensor | np.ndarray
 """Inputs may be torch tensors or numpy arrays; results are tensors."""
 
@@ -184,13 +186,11 @@ def project(
     """
     points = _tensor(points)
     pose = as_poses(c2w, points.device)
-    fx, fy, cx, cy = as_intrinsics(intrinsics, points.device).unbind(-1)
-    local = (points - pose[:, 3]) @ pose[:, :3]  # R^T (p - t) for row vectors
-    z = -local[..., 2]
-    safe = torch.where(z > _MIN_DEPTH, z, torch.ones_like(z))
-    u = cx + fx * local[..., 0] / safe
-    v = cy - fy * local[..., 1] / safe
-    return u, v, z, local.norm(dim=-1)
+    flat = points.reshape(-1, 3)
+    u, v, z = project_points(flat, pose[None], as_intrinsics(intrinsics, points.device)[None])
+    shape = points.shape[:-1]
+    distance = (flat - pose[:, 3]).norm(dim=-1)
+    return u[0].view(shape), v[0].view(shape), z[0].view(shape), distance.view(shape)
 
 
 def warp(

@@ -134,6 +134,8 @@ class MMStyleBaseModel(NerfactoModel):
             self.lpips = LearnedPerceptualImagePatchSimilarity(normalize=True)
         self.step = 0
         self.register_buffer("views_initialized", torch.tensor(not self.config.init_from_views))
+        self.geometry_frozen = False
+        """Set by stylization stages: no more regrids or occupancy refreshes."""
 
     def get_param_groups(self) -> dict[str, list[Parameter]]:
         groups = {"grid": [self.field.density_grid, self.field.feature_grid]}
@@ -228,6 +230,8 @@ class MMStyleBaseModel(NerfactoModel):
 
         def after_step(step: int) -> None:
             self.step = step
+            if self.geometry_frozen:
+                return
             done = step + 1
             for regrid_step, resolution in zip(self.config.regrid_steps, self.config.grid_resolutions[1:], strict=True):
                 if done == regrid_step:

@@ -30,6 +30,7 @@ from rich.progress import track
 from torch import Tensor, nn
 from torch.nn import Parameter
 
+from mmstyle_ns.fields.grid_field import trilinear_lookup
 from mmstyle_ns.fields.occupancy import PackedSamples
 from mmstyle_ns.fields.style_field import ColorHeadSpec, FeatureGrid, StyleHead
 from mmstyle_ns.models.base import MMStyleBaseModel, MMStyleBaseModelConfig
@@ -228,20 +229,15 @@ class MMNeRFModel(MMStyleBaseModel):
 
     # ---- stylization stage ---------------------------------------------------------------------------------
 
-    def regrid(self, resolution: int, optimizers: object | None = None) -> None:
-        if self.sample_cache is not None:  # geometry is frozen once stylization has started
-            return
-        super().regrid(resolution, optimizers)
-
     def in_style_stage(self, step: int) -> bool:
         """Whether ``step`` belongs to the stylization stage."""
         return step >= self.config.reconstruction_steps
 
     def freeze_geometry(self) -> None:
-        """Stops gradients into the density and base-colour grids (and occupancy refreshes)."""
+        """Stops gradients into the density and base-colour grids, regrids and occupancy refreshes."""
         self.field.density_grid.requires_grad_(False)
         self.field.feature_grid.requires_grad_(False)
-        self.config.occupancy_update_every = 1 << 30
+        self.geometry_frozen = True
 
     @torch.no_grad()
     def build_sample_cache(self, cameras: Any, chunk: int = 1 << 14) -> SampleCache:
@@ -303,8 +299,6 @@ class MMNeRFModel(MMStyleBaseModel):
         """View-independent photorealistic colour (the content the style heads see)."""
         index, corner_weights = self.field.corners(positions)
         if self.field.color_mlp is None:  # SH grid: the constant (degree-0) term
-            from mmstyle_ns.fields.grid_field import trilinear_lookup
-
             coefficients = trilinear_lookup(self.field.feature_grid, index, corner_weights)
             coefficients = coefficients.view(-1, 3, self.field.sh_coefficients)[..., 0]
             return torch.sigmoid(coefficients * 0.28209479177387814).detach()

@@ -52,7 +52,7 @@ def add_styles(args: AddStyleArgs) -> tuple[Path, float]:
 
     config = yaml.load(args.load_config.read_text(), Loader=yaml.Loader)
     if not isinstance(config.pipeline, MMNeRFPipelineConfig):
-        raise SystemExit(f"{args.load_config} is not an mm-nerf run")
+        raise ValueError(f"{args.load_config} is not an mm-nerf run")
     old_names = [s.name for s in parse_style_specs(config.pipeline.styles)]
     new_specs = tuple(args.styles)
     all_sources = parse_style_specs((*config.pipeline.styles, *new_specs))  # validates the new styles first
@@ -65,14 +65,16 @@ def add_styles(args: AddStyleArgs) -> tuple[Path, float]:
     config.pipeline.incremental_views = args.views
     config.timestamp = args.timestamp
     config.load_dir = None
-    device = "cuda" if torch.cuda.is_available() and config.machine.device_type == "cuda" else "cpu"
+    device = config.machine.device_type
+    if device != "cpu" and not torch.cuda.is_available():  # a GPU run loaded on a CPU-only machine
+        device = "cpu"
     pipeline = config.pipeline.setup(device=device, test_mode="val")
     assert isinstance(pipeline, MMNeRFPipeline)
     loaded = torch.load(checkpoint_path, map_location=device)
     step = int(loaded["step"])
     pipeline.load_pipeline(loaded["pipeline"], step)
     if set(pipeline.mm_model.trained_styles) != set(old_names):
-        raise SystemExit(f"the checkpoint's styles {sorted(pipeline.mm_model.trained_styles)} differ from {old_names}")
+        raise ValueError(f"the checkpoint's styles {sorted(pipeline.mm_model.trained_styles)} differ from {old_names}")
     optimizers = Optimizers(config.optimizers, pipeline.get_param_groups())
     pipeline.train()
     pipeline.prepare_stylization(optimizers)

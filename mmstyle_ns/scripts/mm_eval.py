@@ -76,7 +76,7 @@ def main(args: MMEvalArgs) -> dict:
     _, pipeline, _, _ = eval_setup(args.load_config, test_mode="inference")
     model = pipeline.model
     if not isinstance(model, MMNeRFModel):
-        raise SystemExit(f"{args.load_config} is not an mm-nerf run")
+        raise ValueError(f"{args.load_config} is not an mm-nerf run")
     cameras = turntable_cameras(args.load_config, args.num_frames).to(pipeline.device)
     names = [ORIGINAL, *model.style_names]
     frames: dict[str, list[np.ndarray]] = {name: [] for name in names}
