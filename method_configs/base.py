@@ -9,12 +9,12 @@ from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataPars
 from nerfstudio.engine.optimizers import AdamOptimizerConfig
 from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
 from nerfstudio.engine.trainer import TrainerConfig
-from nerfstudio.pipelines.base_pipeline import VanillaPipelineConfig
 from nerfstudio.plugins.types import MethodSpecification
 
 from mmstyle_ns.engine import MMStyleTrainerConfig
 from mmstyle_ns.models.base import MMStyleBaseModelConfig
 from mmstyle_ns.optim import FusedAdamOptimizerConfig
+from mmstyle_ns.pipelines.base import MMStylePipelineConfig
 
 
 def default_machine() -> MachineConfig:
@@ -36,7 +36,7 @@ def base_trainer_config(max_num_iterations: int = 600) -> TrainerConfig:
         max_num_iterations=max_num_iterations,
         mixed_precision=False,
         machine=default_machine(),
-        pipeline=VanillaPipelineConfig(
+        pipeline=MMStylePipelineConfig(
             datamanager=VanillaDataManagerConfig(
                 dataparser=NerfstudioDataParserConfig(),
                 train_num_rays_per_batch=4096,

@@ -5,20 +5,36 @@
 * Resuming with ``--load-dir`` restores every optimizer's state; when a parameter group changed since the
   checkpoint (e.g. a style was added), :class:`TolerantOptimizers` leaves that group's state fresh instead of
   failing.
+* With several processes (``--machine.num-devices``), :class:`TolerantOptimizers` averages the gradients over
+  the processes before it steps (see :mod:`mmstyle_ns.distributed` for why this replaces DDP here).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nerfstudio.engine.optimizers import Optimizers
 from nerfstudio.engine.trainer import Trainer, TrainerConfig
 from nerfstudio.utils.rich_utils import CONSOLE
 
+from mmstyle_ns.distributed import average_gradients
+
+if TYPE_CHECKING:
+    from torch.cuda.amp.grad_scaler import GradScaler
+
 
 class TolerantOptimizers(Optimizers):
-    """nerfstudio's optimizers; loading skips groups whose parameters no longer match the checkpoint's."""
+    """nerfstudio's optimizers; loading skips groups whose parameters no longer match the checkpoint's, and
+    gradients are averaged over the processes of a multi-device run before each step."""
+
+    def optimizer_scaler_step_all(self, grad_scaler: GradScaler) -> None:
+        average_gradients(p for params in self.parameters.values() for p in params)
+        super().optimizer_scaler_step_all(grad_scaler)
+
+    def optimizer_scaler_step_some(self, grad_scaler: GradScaler, param_groups: list[str]) -> None:
+        average_gradients(p for name in param_groups for p in self.parameters[name])
+        super().optimizer_scaler_step_some(grad_scaler, param_groups)
 
     def load_optimizers(self, loaded_state: dict[str, Any]) -> None:
         for name, state in loaded_state.items():

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import os
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -29,3 +32,31 @@ def tiny_scene(tmp_path_factory: pytest.TempPathFactory):
     from mmstyle_ns.data.scene import generate_scene
 
     return generate_scene("object360", tmp_path_factory.mktemp("scene") / "object360", num_views=24, resolution=32)
+
+
+def short_run_config(method: str, data: Path, output: Path, iterations: int = 40) -> Any:
+    """The registered ``method``'s trainer config, shrunk to a short CPU run on ``data`` that still reaches every
+    stage (coarse-to-fine regrids, the stylization stage) and saves a checkpoint at its end."""
+    from nerfstudio.plugins.registry import discover_methods
+
+    methods, _ = discover_methods()
+    config = copy.deepcopy(methods[method])
+    pipeline: Any = config.pipeline
+    pipeline.datamanager.data = data
+    pipeline.datamanager.train_num_rays_per_batch = 256
+    config.output_dir = output / "runs"
+    config.timestamp = "test"
+    config.vis = "tensorboard"
+    config.max_num_iterations = iterations
+    config.steps_per_save = iterations
+    config.save_only_latest_checkpoint = True
+    config.steps_per_eval_batch = config.steps_per_eval_image = config.steps_per_eval_all_images = 10**6
+    config.machine.device_type = "cpu"
+    model = pipeline.model
+    if hasattr(model, "regrid_steps"):  # exercise the coarse-to-fine path in a short run
+        model.regrid_steps = iterations * 3 // 8, iterations * 3 // 4
+        model.occupancy_warmup_steps = iterations // 5
+    if hasattr(model, "reconstruction_steps"):  # reach the stylization stage too
+        model.reconstruction_steps = iterations * 5 // 8
+        pipeline.cache_dir = output / "style_cache"
+    return config

@@ -7,12 +7,12 @@ load it (``eval_setup``, with torch's ``weights_only`` default) and must render 
 
 from __future__ import annotations
 
-import copy
 from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import short_run_config
 
 OUR_METHODS = sorted(
     ep.name for ep in entry_points(group="nerfstudio.method_configs") if ep.value.startswith("mmstyle_ns.")
@@ -25,28 +25,9 @@ def test_methods_are_registered() -> None:
 
 @pytest.mark.parametrize("method", OUR_METHODS)
 def test_method_trains_saves_and_reloads(method: str, tiny_scene: Path, tmp_path: Path) -> None:
-    from nerfstudio.plugins.registry import discover_methods
     from nerfstudio.utils.eval_utils import eval_setup
 
-    methods, _ = discover_methods()
-    config = copy.deepcopy(methods[method])
-    config.pipeline.datamanager.data = tiny_scene
-    config.pipeline.datamanager.train_num_rays_per_batch = 256  # pyright: ignore[reportAttributeAccessIssue]
-    config.output_dir = tmp_path / "runs"
-    config.timestamp = "test"
-    config.vis = "tensorboard"
-    config.max_num_iterations = 40
-    config.steps_per_save = 40
-    config.save_only_latest_checkpoint = True
-    config.steps_per_eval_batch = config.steps_per_eval_image = config.steps_per_eval_all_images = 10**6
-    config.machine.device_type = "cpu"
-    if hasattr(config.pipeline.model, "regrid_steps"):  # exercise the coarse-to-fine path in a short run
-        config.pipeline.model.regrid_steps = 15, 30  # pyright: ignore[reportAttributeAccessIssue]
-        config.pipeline.model.occupancy_warmup_steps = 8  # pyright: ignore[reportAttributeAccessIssue]
-    if hasattr(config.pipeline.model, "reconstruction_steps"):  # reach the stylization stage too
-        config.pipeline.model.reconstruction_steps = 25  # pyright: ignore[reportAttributeAccessIssue]
-        config.pipeline.cache_dir = tmp_path / "style_cache"  # pyright: ignore[reportAttributeAccessIssue]
-
+    config = short_run_config(method, tiny_scene, tmp_path)
     config.save_config()
     trainer = config.setup(local_rank=0, world_size=1)
     trainer.setup()

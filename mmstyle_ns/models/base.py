@@ -30,6 +30,7 @@ from torchmetrics.functional import structural_similarity_index_measure
 from torchmetrics.image import PeakSignalNoiseRatio
 
 from mmstyle_ns.compat.checkpoints import register_safe_globals
+from mmstyle_ns.distributed import broadcast_module
 from mmstyle_ns.fields.carving import view_support
 from mmstyle_ns.fields.grid_field import DenseGridField, replace_parameters, sync_optimizer_parameters, voxel_size_for
 from mmstyle_ns.fields.occupancy import OccupancySampler, PackedSamples, packed_weights
@@ -169,6 +170,7 @@ class MMStyleBaseModel(NerfactoModel):
                 optimizers, dict(zip(old, (self.field.density_grid, self.field.feature_grid), strict=True))
             )
         self.sampler.update(self.field)
+        broadcast_module(self)
 
     def _support_mask(self, points: Float[Tensor, "P 3"], dataset: object) -> Tensor:
         cameras = dataset.cameras  # type: ignore[attr-defined]
@@ -215,6 +217,7 @@ class MMStyleBaseModel(NerfactoModel):
         self.field.density_grid[~inside.reshape(-1)] = empty
         self.sampler.update(self.field)
         self.views_initialized.fill_(True)
+        broadcast_module(self)
 
     def get_training_callbacks(
         self, training_callback_attributes: TrainingCallbackAttributes

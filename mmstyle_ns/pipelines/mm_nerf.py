@@ -14,11 +14,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
-from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
 from nerfstudio.utils.rich_utils import CONSOLE
 
+from mmstyle_ns.distributed import broadcast_module
 from mmstyle_ns.fields.grid_field import replace_parameters
 from mmstyle_ns.models.mm_nerf import MMNeRFModel, MMNeRFModelConfig, StyleTargets, pending_styles
+from mmstyle_ns.pipelines.base import MMStylePipeline, MMStylePipelineConfig
 from mmstyle_ns.style.cache import StylizedViewCache, style_key_for
 from mmstyle_ns.style.extractor import MultimodalStyleExtractor, PreparedStyle
 from mmstyle_ns.style.sources import parse_style_specs
@@ -28,7 +29,7 @@ DEFAULT_STYLES = ("builtin:coffee", "builtin:hubble_deep_field", "builtin:chelse
 
 
 @dataclass
-class MMNeRFPipelineConfig(VanillaPipelineConfig):
+class MMNeRFPipelineConfig(MMStylePipelineConfig):
     """MM-NeRF pipeline: the vanilla pipeline plus the styles."""
 
     _target: type = field(default_factory=lambda: MMNeRFPipeline)
@@ -53,7 +54,7 @@ class MMNeRFPipelineConfig(VanillaPipelineConfig):
         MultimodalStyleExtractor(self.model.style_extractor).check(parse_style_specs(self.styles))
 
 
-class MMNeRFPipeline(VanillaPipeline):
+class MMNeRFPipeline(MMStylePipeline):
     """Vanilla pipeline whose model has one head per style and a cached stylization stage."""
 
     config: MMNeRFPipelineConfig
@@ -172,6 +173,7 @@ class MMNeRFPipeline(VanillaPipeline):
             model.style_targets[index] = StyleTargets(
                 targets.to(self.device), consensus.to(self.device), valid.to(self.device)
             )
+        broadcast_module(model)  # new heads and style grid start the same on every process
         self.style_ready = True
         self.stylization_seconds = time.perf_counter() - start
         CONSOLE.print(

@@ -1,0 +1,42 @@
+"""The pipeline every mmstyle_ns method runs: nerfstudio's vanilla pipeline, correct on several devices.
+
+With ``--machine.num-devices N`` nerfstudio starts N processes and its vanilla pipeline wraps the model in
+``DistributedDataParallel`` (with ``device_ids``, which also rules out CPU processes). Our grids change their
+parameters during training, which DDP cannot follow, so this pipeline keeps the model unwrapped and the trainer's
+optimizers average the gradients instead (:mod:`mmstyle_ns.distributed`); the model starts out identical on every
+process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
+
+from mmstyle_ns.distributed import broadcast_module
+
+
+@dataclass
+class MMStylePipelineConfig(VanillaPipelineConfig):
+    """nerfstudio's vanilla pipeline configuration, for a pipeline that trains correctly on several devices."""
+
+    _target: type = field(default_factory=lambda: MMStylePipeline)
+
+
+class MMStylePipeline(VanillaPipeline):
+    """nerfstudio's vanilla pipeline without the DDP wrapper; see the module docstring."""
+
+    def __init__(
+        self,
+        config: VanillaPipelineConfig,
+        device: str,
+        test_mode: Literal["test", "val", "inference"] = "val",
+        world_size: int = 1,
+        local_rank: int = 0,
+        grad_scaler: Any = None,
+    ) -> None:
+        super().__init__(config, device, test_mode, world_size=1, local_rank=local_rank, grad_scaler=grad_scaler)
+        self.world_size = world_size
+        self.datamanager.world_size = world_size  # type: ignore[attr-defined]
+        broadcast_module(self.model)
