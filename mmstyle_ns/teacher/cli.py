@@ -5,6 +5,7 @@ Examples::
     mmstyle-teacher data --count 600                # generator speed, checker accuracy, a preview sheet
     mmstyle-teacher train --output toy-teacher --threads 2
     mmstyle-teacher evaluate --model toy-teacher --sheet docs/teacher_samples.png
+    mmstyle-teacher edit --model toy-teacher --output guidance_2d   # SDS and DDS edits of single pictures
 
 The trained folder is used like Stable Diffusion weights, e.g. ``--pipeline.model.guidance.model-path
 toy-teacher``.
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import tyro
 
-from mmstyle_ns.teacher.config import EvalConfig, TrainConfig
+from mmstyle_ns.teacher.config import EditConfig, EvalConfig, TrainConfig
 
 
 @dataclass
@@ -71,13 +72,14 @@ def run_data(config: DataConfig) -> None:
 
 
 def entrypoint() -> None:
-    """Console-script entry point (``mmstyle-teacher {data,train,evaluate}``)."""
+    """Console-script entry point (``mmstyle-teacher {data,train,evaluate,edit}``)."""
     # Passive OpenMP waiting keeps torch fast when another process shares the cores; set before torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     config = tyro.extras.subcommand_cli_from_dict(
-        {"data": DataConfig, "train": TrainCommand, "evaluate": EvalConfig},
+        {"data": DataConfig, "train": TrainCommand, "evaluate": EvalConfig, "edit": EditConfig},
         description="Toy text-to-image teacher: a small latent diffusion model of the embedded scenes' world.",
     )
+    from mmstyle_ns.teacher.edit import EditInputError, run_edits
     from mmstyle_ns.teacher.evaluate import evaluate_teacher
     from mmstyle_ns.teacher.train import TeacherGateError, train_teacher
 
@@ -88,9 +90,11 @@ def entrypoint() -> None:
             folder = train_teacher(config)
             if config.evaluate:
                 evaluate_teacher(EvalConfig(model=folder, device=config.device, threads=config.threads))
+        elif isinstance(config, EditConfig):
+            run_edits(config)
         else:
             evaluate_teacher(config)
-    except (TeacherGateError, FileNotFoundError) as err:
+    except (TeacherGateError, FileNotFoundError, EditInputError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

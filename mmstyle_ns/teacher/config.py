@@ -182,3 +182,37 @@ class EvalConfig:
     """Torch device; None picks an accelerator when torch has one, else the CPU."""
     threads: int | None = None
     """CPU threads for torch (None keeps torch's default)."""
+
+
+@dataclass
+class EditConfig:
+    """Edit generated pictures from a source to a target prompt with SDS and DDS, and check the colours."""
+
+    model: Path = Path("toy-teacher")
+    """Folder of the diffusion model (diffusers layout): the toy teacher, or Stable Diffusion."""
+    pairs: tuple[str, ...] = ("red:blue", "blue:yellow", "green:red", "yellow:purple", "purple:green", "orange:blue")
+    """Colour edits as SOURCE:TARGET; the source picture shows a SOURCE object, the prompts differ in the colour."""
+    pictures_per_pair: int = 2
+    """Source pictures per pair (the shape cycles through sphere, cube, cylinder)."""
+    steps: int = 200
+    """Optimisation steps per edit."""
+    lr: float = 0.1
+    """SGD step size on the latents (the update is ``lr * g``)."""
+    sds_guidance_scale: float = 20.0
+    """Classifier-free guidance weight of SDS (SDS needs a large one)."""
+    dds_guidance_scale: float = 7.5
+    """Classifier-free guidance weight of both DDS predictions."""
+    min_step_ratio: float = 0.05
+    """Smallest diffusion timestep sampled, as a fraction of the training timesteps."""
+    max_step_ratio: float = 0.95
+    """Largest diffusion timestep sampled, as a fraction of the training timesteps."""
+    seed: int = 20_000
+    """Seed of the source pictures (a stream the teacher was not trained on) and of the noise."""
+    output: Path = Path("guidance_2d")
+    """Folder for the before/after sheet, one PNG per picture and method, and report.json."""
+    device: str | None = None
+    """Torch device; None picks an accelerator when torch has one, else the CPU."""
+    threads: int | None = None
+    """CPU threads for torch (None keeps torch's default)."""
+    quiet: bool = False
+    """No progress bar."""
