@@ -337,6 +337,16 @@ def test_added_style_trains_alone_and_leaves_old_styles_unchanged(
     assert model.trainable == [new]
     assert not model.style_grid.table.requires_grad
     assert [any(p.requires_grad for p in head.parameters()) for head in model.heads] == [False, False, True]
+    # with the style grid frozen, the colour heads' inputs are evaluated once; renders are the same without them
+    cache = model.sample_cache
+    assert cache is not None and cache.head_inputs is not None
+    pixels = torch.randint(0, cache.offsets.numel() - 1, (500,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        from_inputs = model.render_cached(pixels, new)
+        inputs, cache.head_inputs = cache.head_inputs, None
+        from_positions = model.render_cached(pixels, new)
+        cache.head_inputs = inputs
+    torch.testing.assert_close(from_inputs, from_positions, rtol=0, atol=1e-6)
 
     old_heads = [_head_state(model, i) for i in range(len(NAMES))]
     grid = model.style_grid.table.detach().clone()

@@ -94,15 +94,18 @@ class SampleCache:
     image_shape: tuple[int, int, int]
     """``(cameras, height, width)``."""
 
-    def gather(self, pixels: Int[Tensor, " B"]) -> tuple[Float[Tensor, "S 3"], Float[Tensor, " S"], Int[Tensor, " S"]]:
-        """Positions, weights and (batch-local) ray index of the samples of the given pixels."""
+    head_inputs: Float[Tensor, "S F"] | None = None
+    """Inputs of the colour head at every sample (style features and base colour), when the style grid is frozen
+    (see :meth:`MMNeRFModel.cache_head_inputs`); a step then only evaluates the colour heads."""
+
+    def gather(self, pixels: Int[Tensor, " B"]) -> tuple[Int[Tensor, " S"], Int[Tensor, " S"]]:
+        """Indices of the samples of the given pixels, and their (batch-local) ray index."""
         starts, ends = self.offsets[pixels], self.offsets[pixels + 1]
         counts = ends - starts
         ray_indices = torch.repeat_interleave(torch.arange(len(pixels), device=pixels.device), counts)
         first = torch.cumsum(counts, 0) - counts
         within = torch.arange(int(counts.sum()), device=pixels.device) - first[ray_indices]
-        sample_ids = starts[ray_indices] + within
-        return self.positions[sample_ids], self.weights[sample_ids], ray_indices
+        return starts[ray_indices] + within, ray_indices
 
 
 @dataclass
@@ -287,13 +290,21 @@ class MMNeRFModel(MMStyleBaseModel):
         self.style_grid_ready.fill_(True)
         return True
 
-    def stylized_colors(
-        self, positions: Float[Tensor, "S 3"], params: Float[Tensor, " P"], base: Float[Tensor, "S 3"] | None = None
-    ) -> Float[Tensor, "S 3"]:
-        """Colours of samples under the colour head ``params`` (``base``: their photorealistic colours)."""
-        if base is None:
-            base = self.base_diffuse_color(positions)
-        return self.color_spec.apply(params, torch.cat([self.style_grid(positions), base], dim=-1))
+    def head_inputs(self, positions: Float[Tensor, "S 3"]) -> Float[Tensor, "S F"]:
+        """What the colour head sees at each sample: the shared style features and the photorealistic colour."""
+        return torch.cat([self.style_grid(positions), self.base_diffuse_color(positions)], dim=-1)
+
+    def stylized_colors(self, positions: Float[Tensor, "S 3"], params: Float[Tensor, " P"]) -> Float[Tensor, "S 3"]:
+        """Colours of samples under the colour head ``params``."""
+        return self.color_spec.apply(params, self.head_inputs(positions))
+
+    @torch.no_grad()
+    def cache_head_inputs(self, chunk: int = 1 << 16) -> None:
+        """Evaluates the colour head's inputs at every cached sample once. Only valid while the style grid is
+        frozen (incremental styles): each step then evaluates the new heads alone."""
+        cache = self.sample_cache
+        assert cache is not None, "build_sample_cache() first"
+        cache.head_inputs = torch.cat([self.head_inputs(p) for p in cache.positions.split(chunk)])
 
     def base_diffuse_color(self, positions: Float[Tensor, "S 3"]) -> Float[Tensor, "S 3"]:
         """View-independent photorealistic colour (the content the style heads see)."""
@@ -307,9 +318,14 @@ class MMNeRFModel(MMStyleBaseModel):
     def render_cached(self, pixels: Int[Tensor, " B"], style: int) -> Float[Tensor, "B 3"]:
         """Stylized colours of training pixels from the sample cache (white background)."""
         assert self.sample_cache is not None, "build_sample_cache() first"
-        positions, weights, ray_indices = self.sample_cache.gather(pixels)
-        colors = self.stylized_colors(positions, self.style_parameters(style))
-        return self._composite_white(colors, weights, ray_indices, len(pixels))
+        cache = self.sample_cache
+        sample_ids, ray_indices = cache.gather(pixels)
+        params = self.style_parameters(style)
+        if cache.head_inputs is not None:
+            colors = self.color_spec.apply(params, cache.head_inputs[sample_ids])
+        else:
+            colors = self.stylized_colors(cache.positions[sample_ids], params)
+        return self._composite_white(colors, cache.weights[sample_ids], ray_indices, len(pixels))
 
     def render_uncached(self, origins: Float[Tensor, "B 3"], directions: Float[Tensor, "B 3"], style: int) -> Tensor:
         """The same as :meth:`render_cached`, marching the rays live (reference path; slower)."""
@@ -360,23 +376,20 @@ class MMNeRFModel(MMStyleBaseModel):
             return {}
         keep = weights >= self.config.cache_min_weight
         positions, w, rays = samples.positions[keep], weights[keep], samples.ray_indices[keep]
-        base = self.base_diffuse_color(positions)
+        inputs = self.head_inputs(positions)  # shared by every style's colour head
         outputs: dict[str, Tensor] = {}
         original = self.composite(colors, weights, samples.ray_indices, num_rays, self.config.background_color)
         outputs[ORIGINAL] = original.view(*batch_shape, 3)
         for index, name in enumerate(self.style_names):
-            rgb = self._composite_white(
-                self.stylized_colors(positions, self.style_parameters(index), base), w, rays, num_rays
-            )
+            rgb = self._composite_white(self.color_spec.apply(self.style_parameters(index), inputs), w, rays, num_rays)
             outputs[name] = rgb.view(*batch_shape, 3)
-        outputs["rgb"] = self.viewer_selection(outputs, positions, base, w, rays, num_rays).view(*batch_shape, 3)
+        outputs["rgb"] = self.viewer_selection(outputs, inputs, w, rays, num_rays).view(*batch_shape, 3)
         return outputs
 
     def viewer_selection(
         self,
         outputs: dict[str, Tensor],
-        positions: Tensor,
-        base: Tensor,
+        inputs: Float[Tensor, "S F"],
         weights: Tensor,
         ray_indices: Tensor,
         num_rays: int,
@@ -391,7 +404,7 @@ class MMNeRFModel(MMStyleBaseModel):
         if ORIGINAL in (first, second):  # no parameters for the photorealistic colour: blend the images
             return ((1.0 - t) * outputs[first] + t * outputs[second]).reshape(-1, 3)
         params = self.blend_parameters(self.style_names.index(first), self.style_names.index(second), t)
-        return self._composite_white(self.stylized_colors(positions, params, base), weights, ray_indices, num_rays)
+        return self._composite_white(self.color_spec.apply(params, inputs), weights, ray_indices, num_rays)
 
     def get_image_metrics_and_images(
         self, outputs: dict[str, Tensor], batch: dict[str, Tensor]

@@ -131,6 +131,8 @@ class MMNeRFPipeline(MMStylePipeline):
         sel = torch.tensor(views)
         chosen = cameras[sel.to(cameras.device)]
         cache = model.build_sample_cache(chosen)  # only the stylized views are ever sampled
+        if incremental:  # the style grid is frozen: evaluate the colour heads' inputs once
+            model.cache_head_inputs()
         _, height, width = cache.image_shape
         model.style_views = torch.arange(len(views), device=self.device)
         model.cached_cameras = sel
