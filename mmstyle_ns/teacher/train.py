@@ -22,6 +22,7 @@ thread count. Call :func:`train_teacher` (or ``mmstyle-teacher train``).
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -73,10 +74,29 @@ def _log(message: str) -> None:
 
 @contextmanager
 def _progress(total: int, description: str, quiet: bool) -> Iterator[Callable[..., None]]:
-    """A rich progress bar; yields ``advance(**fields)``."""
+    """A rich progress bar on a terminal, a plain line every 5% otherwise (logs); yields ``advance(**fields)``."""
     if quiet:
         yield lambda **_: None
         return
+
+    def info_of(fields: dict[str, Any]) -> str:
+        return "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
+
+    if not sys.stdout.isatty():
+        start, done = time.perf_counter(), 0
+        every = max(1, total // 20)
+
+        def advance_plain(**fields: Any) -> None:
+            nonlocal done
+            done += 1
+            if done % every == 0 or done == total:
+                elapsed = time.perf_counter() - start
+                left = elapsed / done * (total - done)
+                _log(f"{description}: {done}/{total}  {elapsed:.0f} s, ~{left:.0f} s left  {info_of(fields)}")
+
+        yield advance_plain
+        return
+
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -98,8 +118,7 @@ def _progress(total: int, description: str, quiet: bool) -> Iterator[Callable[..
         task = progress.add_task(description, total=total, info="")
 
         def advance(**fields: Any) -> None:
-            info = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
-            progress.update(task, advance=1, info=info)
+            progress.update(task, advance=1, info=info_of(fields))
 
         yield advance
 
