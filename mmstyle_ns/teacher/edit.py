@@ -51,7 +51,8 @@ class EditCase:
     readings: dict[str, str | None]
     """Checker reading of the source ('source') and of each method's result."""
     background_psnr: dict[str, float]
-    """PSNR (dB) of each result against the source away from the objects."""
+    """PSNR (dB) of each result (and of the source's VAE round trip, 'round_trip') against the source, away from
+    the objects."""
 
 
 @dataclass
@@ -63,7 +64,8 @@ class EditReport:
     success: dict[str, float]
     """Share of pictures each method turned into the target colour (and 'source': share already in it)."""
     background_psnr: dict[str, float]
-    """Mean background PSNR of each method."""
+    """Mean background PSNR of each method, and of the VAE round trip of the source ('round_trip': the most a
+    latent edit can keep)."""
     seconds_per_step: dict[str, float]
     """Wall time of one optimisation step of each method."""
     sheet: Path
@@ -73,6 +75,7 @@ class EditReport:
         """The figures as text."""
         lines = [f"{'':8s} {'target colour':>14s} {'background PSNR':>16s} {'s/step':>8s}"]
         lines.append(f"{'source':8s} {self.success['source']:>13.0%}  {'':>16s} {'':>8s}")
+        lines.append(f"{'VAE only':8s} {'':>14s} {self.background_psnr['round_trip']:>13.1f} dB {'':>8s}")
         for method in METHODS:
             lines.append(
                 f"{method:8s} {self.success[method]:>13.0%}  {self.background_psnr[method]:>13.1f} dB "
@@ -197,9 +200,11 @@ def run_edits(config: EditConfig, log: Callable[[str], None] = print) -> EditRep
             latents = backbone.encode_images(image)
         emb_source = backbone.text_embeddings(source_prompt)
         emb_target = backbone.text_embeddings(target_prompt)
-        row = [sample.image]
+        with torch.no_grad():
+            round_trip = _to_uint8(backbone.decode_latents(latents))[0]
+        row = [sample.image, round_trip]
         readings: dict[str, str | None] = {"source": classify_colour(sample.image).colour}
-        psnrs: dict[str, float] = {}
+        psnrs: dict[str, float] = {"round_trip": background_psnr(sample.image, round_trip, sample.mask)}
         for method in METHODS:
             start = time.perf_counter()
             edited = edit_latents(
@@ -230,11 +235,11 @@ def run_edits(config: EditConfig, log: Callable[[str], None] = print) -> EditRep
 
     sheet = save_png(
         config.output / "edits.png",
-        contact_sheet(rows, row_labels=labels, col_labels=["source", *(f"{m.upper()} edit" for m in METHODS)]),
+        contact_sheet(rows, row_labels=labels, col_labels=["source", "VAE round trip", *(m.upper() for m in METHODS)]),
     )
     count = max(1, len(cases))
     success = {key: sum(c.readings[key] == c.target_colour for c in cases) / count for key in ("source", *METHODS)}
-    mean_psnr = {m: float(np.nanmean([c.background_psnr[m] for c in cases])) for m in METHODS}
+    mean_psnr = {m: float(np.nanmean([c.background_psnr[m] for c in cases])) for m in ("round_trip", *METHODS)}
     per_step = {m: seconds[m] / max(1, len(cases) * config.steps) for m in METHODS}
     report = EditReport(cases, success, mean_psnr, per_step, sheet)
     (config.output / "report.json").write_text(
