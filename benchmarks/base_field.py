@@ -67,9 +67,10 @@ def train_for(config: TrainerConfig, seconds: float, eval_every: float) -> list[
 
 
 def psnr_at(rows: list[tuple[float, int, float]], seconds: float) -> float:
-    """PSNR of the last evaluation at or before ``seconds``."""
-    before = [r for r in rows if r[0] <= seconds + 1e-6]
-    return before[-1][2] if before else float("nan")
+    """PSNR of the evaluation taken when the training clock passed ``seconds`` (it overshoots by less than one
+    iteration; the rows printed during training show the exact times)."""
+    after = [r for r in rows if r[0] >= seconds - 1e-6]
+    return after[0][2] if after else float("nan")
 
 
 def time_to(rows: list[tuple[float, int, float]], psnr: float) -> float:

@@ -25,7 +25,7 @@ def default_machine() -> MachineConfig:
     return machine
 
 
-def base_trainer_config(max_num_iterations: int = 600) -> TrainerConfig:
+def base_trainer_config(max_num_iterations: int = 750) -> TrainerConfig:
     """Trainer configuration of the base method; the stylization methods derive theirs from it."""
     return MMStyleTrainerConfig(
         method_name="mmstyle-base",

@@ -151,3 +151,46 @@ def test_block_skipping_keeps_exactly_the_exhaustive_samples(monkeypatch) -> Non
     assert skipped.positions.shape[0] > 0
     torch.testing.assert_close(skipped.ray_indices, exhaustive.ray_indices)
     torch.testing.assert_close(skipped.t_starts, exhaustive.t_starts)
+
+
+def test_segmented_marching_keeps_the_samples_of_one_pass(monkeypatch) -> None:  # noqa: ANN001
+    torch.manual_seed(1)
+    field = DenseGridField(AABB, resolution=64, density_init=1e-4)
+    with torch.no_grad():  # opaque blobs: most rays stop inside the first one they meet
+        verts = field.vertex_positions()
+        centres = torch.tensor([[0.0, 0.0, 0.0], [0.6, 0.2, 0.1], [-0.6, -0.3, 0.3]])
+        near = torch.cdist(verts, centres).min(-1).values < 0.3
+        field.density_grid.copy_(torch.where(near, 8.0, -20.0)[:, None] - field.density_shift)
+    sampler = OccupancySampler(step_ratio=0.5, alpha_threshold=1e-2, early_stop_eps=1e-3)
+    sampler.update(field)
+    origins = torch.tensor([-3.0, 0.1, 0.1]) + torch.randn(400, 3) * 0.05
+    dirs = F.normalize(AABB[0] + torch.rand(400, 3) * (AABB[1] - AABB[0]) - origins, dim=-1)
+    monkeypatch.setattr(OccupancySampler, "SEGMENT", 8)
+    segmented = sampler(field, origins, dirs)
+    monkeypatch.setattr(OccupancySampler, "SEGMENT", 10**6)
+    one_pass = sampler(field, origins, dirs)
+    assert segmented.positions.shape[0] > 0
+    torch.testing.assert_close(segmented.ray_indices, one_pass.ray_indices)
+    torch.testing.assert_close(segmented.t_starts, one_pass.t_starts)
+    torch.testing.assert_close(segmented.positions, one_pass.positions)
+
+
+def test_packed_distortion_loss_matches_the_pairwise_definition() -> None:
+    from mmstyle_ns.losses import packed_distortion_loss
+
+    torch.manual_seed(2)
+    counts = [5, 1, 7]
+    ray_indices = torch.repeat_interleave(torch.arange(3), torch.tensor(counts))
+    t_starts = torch.cat([torch.sort(torch.rand(n) * 3).values for n in counts])
+    t_ends = t_starts + torch.rand(len(t_starts)) * 0.1
+    weights = torch.rand(len(t_starts), requires_grad=True)
+    loss = packed_distortion_loss(weights, t_starts, t_ends, ray_indices, num_rays=3)
+    reference = torch.zeros(())
+    for r in range(3):
+        sel = ray_indices == r
+        w, m = weights[sel], ((t_starts + t_ends) / 2)[sel]
+        reference = reference + (w[:, None] * w[None, :] * (m[:, None] - m[None, :]).abs()).sum()
+        reference = reference + (w.square() * (t_ends - t_starts)[sel]).sum() / 3
+    torch.testing.assert_close(loss, reference / 3)
+    (grad,) = torch.autograd.grad(loss, weights)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0

@@ -150,6 +150,10 @@ class OccupancySampler(nn.Module):
         self._block_cache = (self.occupancy, grid)
         return grid
 
+    SEGMENT = 64
+    """Fine steps marched at once (a multiple of ``BLOCK``); rays whose transmittance has fallen below
+    ``early_stop_eps`` are not marched into the next segment."""
+
     def _candidates(
         self,
         field: DenseGridField,
@@ -161,8 +165,12 @@ class OccupancySampler(nn.Module):
         offset: Float[Tensor, "N 1"],
         step: float,
         steps: int,
+        first: int = 0,
+        last: int | None = None,
+        rays: Int[Tensor, " A"] | None = None,
     ) -> tuple[Int[Tensor, " M"], Float[Tensor, " M"]]:
-        """Ray index and distance of every marching step inside the box, skipping empty blocks of steps first.
+        """Ray index and distance of the marching steps ``first <= j < last`` of ``rays`` (default: all steps of
+        all rays) inside the box, sorted by ray, skipping empty blocks of steps first.
 
         Step ``j`` of a ray sits at ``t_near + (j + offset) * step``. Steps are grouped in blocks of ``BLOCK``; a
         block is dropped when the occupancy grid dilated by two more voxels is empty at its centre (every step
@@ -170,23 +178,28 @@ class OccupancySampler(nn.Module):
         """
         device = origins.device
         block = self.BLOCK
-        blocks = (steps + block - 1) // block
+        last = steps if last is None else min(last, steps)
+        if rays is None:
+            rays = torch.arange(origins.shape[0], device=device)
         usable = bool(self.initialized) and tuple(self.occupancy.shape) == field.shape
-        if usable and blocks > 1:
-            t_block = t_near[:, None] + ((torch.arange(blocks, device=device) * block)[None, :] + block / 2) * step
-            inside = hit[:, None] & (t_block - block / 2 * step < t_far[:, None])
-            rays, block_ids = torch.nonzero(inside, as_tuple=True)
-            centres = origins[rays] + directions[rays] * t_block[rays, block_ids][:, None]
+        first_block, end_block = first // block, (last + block - 1) // block
+        if usable and end_block - first_block > 0 and steps > block:
+            block_ids = torch.arange(first_block, end_block, device=device)
+            t_block = t_near[rays, None] + (block_ids[None, :] * block + block / 2) * step
+            inside = hit[rays, None] & (t_block - block / 2 * step < t_far[rays, None])
+            local, which = torch.nonzero(inside, as_tuple=True)
+            centres = origins[rays[local]] + directions[rays[local]] * t_block[local, which][:, None]
             keep = self._lookup(field, centres, self._block_grid())
-            rays, block_ids = rays[keep], block_ids[keep]
-            step_ids = (block_ids[:, None] * block + torch.arange(block, device=device)[None, :]).reshape(-1)
-            rays = rays[:, None].expand(-1, block).reshape(-1)
+            local, which = local[keep], which[keep]
+            step_ids = ((block_ids[which])[:, None] * block + torch.arange(block, device=device)[None, :]).reshape(-1)
+            ray_ids = rays[local][:, None].expand(-1, block).reshape(-1)
         else:
-            rays = torch.arange(origins.shape[0], device=device)[:, None].expand(-1, steps).reshape(-1)
-            step_ids = torch.arange(steps, device=device)[None, :].expand(origins.shape[0], -1).reshape(-1)
-        t_mid = t_near[rays] + (step_ids + offset[rays, 0]) * step
-        valid = hit[rays] & (t_mid < t_far[rays]) & (step_ids < steps)
-        return rays[valid], t_mid[valid]
+            span = torch.arange(first, last, device=device)
+            ray_ids = rays[:, None].expand(-1, span.numel()).reshape(-1)
+            step_ids = span[None, :].expand(rays.numel(), -1).reshape(-1)
+        t_mid = t_near[ray_ids] + (step_ids + offset[ray_ids, 0]) * step
+        valid = hit[ray_ids] & (t_mid < t_far[ray_ids]) & (step_ids >= first) & (step_ids < last)
+        return ray_ids[valid], t_mid[valid]
 
     @torch.no_grad()
     def forward(
@@ -197,7 +210,11 @@ class OccupancySampler(nn.Module):
         near: float = 0.0,
         jitter: bool = False,
     ) -> PackedSamples:
-        """Samples rays; densities used for culling are computed without gradients."""
+        """Samples rays; densities used for culling are computed without gradients.
+
+        Rays are marched ``SEGMENT`` steps at a time, carrying each ray's optical depth from segment to segment,
+        so the samples are those of one pass over the whole ray while rays that became opaque stop early.
+        """
         num_rays = origins.shape[0]
         device = origins.device
         t_near, t_far = ray_aabb(origins, directions, field.aabb)
@@ -210,19 +227,39 @@ class OccupancySampler(nn.Module):
             step = span / self.max_samples_per_ray
             steps = self.max_samples_per_ray
         offset = torch.rand(num_rays, 1, device=device) if jitter else torch.full((num_rays, 1), 0.5, device=device)
-        ray_indices, t_mid = self._candidates(field, origins, directions, t_near, t_far, hit, offset, step, steps)
-        positions = origins[ray_indices] + directions[ray_indices] * t_mid[:, None]
-        keep = self._lookup(field, positions)
-        ray_indices, t_mid, positions = ray_indices[keep], t_mid[keep], positions[keep]
-
-        if ray_indices.numel() > 0:
-            sigmas = field.density_at(positions)[:, 0]
-            t_starts, t_ends = t_mid - 0.5 * step, t_mid + 0.5 * step
-            _, trans, alphas = packed_weights(t_starts, t_ends, sigmas, ray_indices)
-            keep = (trans > self.early_stop_eps) & (alphas > self.alpha_threshold * self.step_ratio)
-            if not bool(self.initialized):
-                keep = trans > self.early_stop_eps
+        depth = torch.zeros(num_rays, dtype=torch.float64, device=device)  # optical depth marched so far
+        opaque = -math.log(self.early_stop_eps)
+        kept_rays, kept_t = [], []
+        for first in range(0, steps, self.SEGMENT):
+            active = hit & (depth < opaque) & (t_near + first * step < t_far)
+            rays = active.nonzero()[:, 0]
+            if rays.numel() == 0:
+                break
+            ray_indices, t_mid = self._candidates(
+                field, origins, directions, t_near, t_far, hit, offset, step, steps, first, first + self.SEGMENT, rays
+            )
+            positions = origins[ray_indices] + directions[ray_indices] * t_mid[:, None]
+            keep = self._lookup(field, positions)
             ray_indices, t_mid, positions = ray_indices[keep], t_mid[keep], positions[keep]
+            if ray_indices.numel() == 0:
+                continue
+            sigmas = field.density_at(positions)[:, 0]
+            _, trans, alphas = packed_weights(t_mid - 0.5 * step, t_mid + 0.5 * step, sigmas, ray_indices)
+            trans = trans * torch.exp(-depth[ray_indices]).to(trans.dtype)
+            depth.index_add_(0, ray_indices, (sigmas * step).double())
+            keep = trans > self.early_stop_eps
+            if bool(self.initialized):
+                keep &= alphas > self.alpha_threshold * self.step_ratio
+            kept_rays.append(ray_indices[keep])
+            kept_t.append(t_mid[keep])
+        if kept_rays:
+            ray_indices, t_mid = torch.cat(kept_rays), torch.cat(kept_t)
+            order = torch.argsort(ray_indices, stable=True)  # segments come in order along each ray
+            ray_indices, t_mid = ray_indices[order], t_mid[order]
+        else:
+            ray_indices = torch.zeros(0, dtype=torch.long, device=device)
+            t_mid = torch.zeros(0, device=device)
+        positions = origins[ray_indices] + directions[ray_indices] * t_mid[:, None]
         return PackedSamples(
             t_starts=t_mid - 0.5 * step,
             t_ends=t_mid + 0.5 * step,

@@ -4,7 +4,8 @@ A subclass of nerfstudio's nerfacto model whose field is a CPU-fast dense voxel 
 (:class:`~mmstyle_ns.fields.grid_field.DenseGridField`) sampled by plain-PyTorch empty-space skipping
 (:class:`~mmstyle_ns.fields.occupancy.OccupancySampler`), in the spirit of DVGO (Sun et al., CVPR 2022):
 grids grow coarse-to-fine and, at every growth step, are cropped to the part of the scene box that is
-occupied, so the voxels are spent on the content.
+occupied, so the voxels are spent on the content. A distortion loss (mip-NeRF 360) keeps surfaces sharp, which
+also leaves fewer samples per ray to march.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from mmstyle_ns.distributed import broadcast_module
 from mmstyle_ns.fields.carving import view_support
 from mmstyle_ns.fields.grid_field import DenseGridField, replace_parameters, sync_optimizer_parameters, voxel_size_for
 from mmstyle_ns.fields.occupancy import OccupancySampler, PackedSamples, packed_weights
+from mmstyle_ns.losses import packed_distortion_loss
 
 register_safe_globals()
 
@@ -53,7 +55,7 @@ class MMStyleBaseModelConfig(NerfactoModelConfig):
     """Rays rendered at once at evaluation time (memory vs. speed)."""
     camera_optimizer: CameraOptimizerConfig = field(default_factory=lambda: CameraOptimizerConfig(mode="off"))
     """Pose refinement; 'off' for exact (synthetic) poses, 'SO3xR3' for captured data."""
-    grid_resolutions: tuple[int, ...] = (32, 96, 160)
+    grid_resolutions: tuple[int, ...] = (32, 96, 176)
     """Grid vertices along the longest side of the grid box at each coarse-to-fine stage."""
     regrid_steps: tuple[int, ...] = (30, 150)
     """Training steps at which the grid moves to the next resolution (one fewer than the resolutions)."""
@@ -85,6 +87,9 @@ class MMStyleBaseModelConfig(NerfactoModelConfig):
     """Steps between occupancy refreshes."""
     step_ratio: float = 0.5
     """Ray-marching step as a fraction of the voxel size."""
+    distortion_loss_mult: float = 0.03
+    """Weight of the distortion loss (mip-NeRF 360), here on metric distances along the ray: it pulls each ray's
+    weight into one short stretch, i.e. sharp surfaces. 0 turns it off."""
     compute_lpips: bool = False
     """Report LPIPS in evaluations (needs torchvision's AlexNet weights in the torch hub cache)."""
 
@@ -255,12 +260,24 @@ class MMStyleBaseModel(NerfactoModel):
         self, origins: Float[Tensor, "R 3"], directions: Float[Tensor, "R 3"]
     ) -> tuple[PackedSamples, Float[Tensor, " S"], Float[Tensor, "S 3"]]:
         """Samples rays through the field: packed samples, their rendering weights and their base colours."""
+        samples, weights, (index, corner_weights) = self._march(origins, directions)
+        return samples, weights, self.field.color_from_corners(index, corner_weights, samples.directions)
+
+    def march_weights(
+        self, origins: Float[Tensor, "R 3"], directions: Float[Tensor, "R 3"]
+    ) -> tuple[PackedSamples, Float[Tensor, " S"]]:
+        """Samples rays through the field: packed samples and their rendering weights (no colours)."""
+        samples, weights, _ = self._march(origins, directions)
+        return samples, weights
+
+    def _march(
+        self, origins: Float[Tensor, "R 3"], directions: Float[Tensor, "R 3"]
+    ) -> tuple[PackedSamples, Float[Tensor, " S"], tuple[Tensor, Tensor]]:
         samples = self.sampler(self.field, origins, directions, near=self.config.near_plane, jitter=self.training)
         index, corner_weights = self.field.corners(samples.positions)
         sigmas = self.field.density_from_corners(index, corner_weights)[:, 0]
-        colors = self.field.color_from_corners(index, corner_weights, samples.directions)
         weights, _, _ = packed_weights(samples.t_starts, samples.t_ends, sigmas, samples.ray_indices)
-        return samples, weights, colors
+        return samples, weights, (index, corner_weights)
 
     def composite(
         self,
@@ -301,6 +318,10 @@ class MMStyleBaseModel(NerfactoModel):
         }
         if self.training:
             outputs["num_samples_per_ray"] = torch.tensor(samples.ray_indices.numel() / max(num_rays, 1))
+            if self.config.distortion_loss_mult > 0:
+                outputs["distortion_loss"] = packed_distortion_loss(
+                    weights, samples.t_starts, samples.t_ends, samples.ray_indices, num_rays
+                )
         outputs.update(self.extra_outputs(samples, weights, colors, num_rays, batch_shape))
         return outputs
 
@@ -336,6 +357,8 @@ class MMStyleBaseModel(NerfactoModel):
             gt_image=batch["image"].to(self.device),
         )
         loss_dict = {"rgb_loss": self.rgb_loss(gt_rgb, pred_rgb)}
+        if "distortion_loss" in outputs:
+            loss_dict["distortion_loss"] = self.config.distortion_loss_mult * outputs["distortion_loss"]
         if self.training:
             self.camera_optimizer.get_loss_dict(loss_dict)
         return loss_dict

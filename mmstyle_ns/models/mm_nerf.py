@@ -254,7 +254,7 @@ class MMNeRFModel(MMStyleBaseModel):
             origins = bundle.origins.reshape(-1, 3).to(self.device)
             directions = bundle.directions.reshape(-1, 3).to(self.device)
             for o, d in zip(origins.split(chunk), directions.split(chunk), strict=True):
-                samples, w, _ = self.march(o, d)
+                samples, w = self.march_weights(o, d)
                 keep = w >= self.config.cache_min_weight
                 ray_indices = samples.ray_indices[keep]
                 w_kept = w[keep]
@@ -329,7 +329,7 @@ class MMNeRFModel(MMStyleBaseModel):
 
     def render_uncached(self, origins: Float[Tensor, "B 3"], directions: Float[Tensor, "B 3"], style: int) -> Tensor:
         """The same as :meth:`render_cached`, marching the rays live (reference path; slower)."""
-        samples, weights, _ = self.march(origins, directions)
+        samples, weights = self.march_weights(origins, directions)
         keep = weights >= self.config.cache_min_weight
         colors = self.stylized_colors(samples.positions[keep], self.style_parameters(style))
         return self._composite_white(colors, weights[keep], samples.ray_indices[keep], len(origins))
