@@ -88,7 +88,7 @@ def test_two_process_training_keeps_processes_identical(method: str, tiny_scene:
     config.machine.num_devices = WORLD
     config.save_config()
     mp.spawn(_train_worker, args=(_free_url(), config, tmp_path), nprocs=WORLD)
-    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     assert not torch.equal(results[0]["first_batch"], results[1]["first_batch"]), "processes saw the same rays"
     states = [r["state"] for r in results]
     assert states[0].keys() == states[1].keys()

@@ -10,7 +10,7 @@ import torch
 
 from mmstyle_ns.guidance.backbone import DiffusionBackboneConfig
 from mmstyle_ns.teacher.checker import classify_colour
-from mmstyle_ns.teacher.evaluate import sample_images
+from mmstyle_ns.teacher.evaluate import images_to_uint8, sample_images
 from mmstyle_ns.teacher.vocab import colour_prompts
 
 SHIPPED = Path(__file__).resolve().parents[1] / "examples" / "toy-teacher"
@@ -37,7 +37,6 @@ def test_shipped_teacher_follows_colour_prompts(backbone) -> None:  # noqa: ANN0
     truth = [spec.colour for _, spec in colour_prompts(1)]
     with torch.no_grad():
         images = sample_images(backbone, prompts, steps=15, generator=torch.Generator().manual_seed(0))
-    pixels = (images.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    read = [classify_colour(np.ascontiguousarray(p)).colour for p in pixels]
+    read = [classify_colour(np.ascontiguousarray(p)).colour for p in images_to_uint8(images)]
     correct = sum(r == t for r, t in zip(read, truth, strict=True))
     assert correct >= 7, f"the checker read {read} for {truth}"

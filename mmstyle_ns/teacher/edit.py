@@ -31,6 +31,7 @@ from torch import Tensor
 from mmstyle_ns.teacher.checker import classify_colour
 from mmstyle_ns.teacher.config import EditConfig
 from mmstyle_ns.teacher.data import generate_sample
+from mmstyle_ns.teacher.evaluate import images_to_uint8
 from mmstyle_ns.teacher.model import default_device
 from mmstyle_ns.teacher.vocab import COLOURS, GROUNDS, SHAPES, SceneSpec, caption
 
@@ -138,10 +139,6 @@ def edit_latents(
     return z.detach()
 
 
-def _to_uint8(images: Float[Tensor, "B 3 H W"]) -> UInt8[np.ndarray, "B H W 3"]:
-    return (images.detach().clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
 def background_psnr(a: UInt8[np.ndarray, "H W 3"], b: UInt8[np.ndarray, "H W 3"], objects: np.ndarray) -> float:
     """PSNR (dB) of ``b`` against ``a`` over the pixels more than 3 pixels away from ``objects``."""
     keep = np.logical_not(ndimage.binary_dilation(objects, iterations=3))
@@ -201,7 +198,7 @@ def run_edits(config: EditConfig, log: Callable[[str], None] = print) -> EditRep
         emb_source = backbone.text_embeddings(source_prompt)
         emb_target = backbone.text_embeddings(target_prompt)
         with torch.no_grad():
-            round_trip = _to_uint8(backbone.decode_latents(latents))[0]
+            round_trip = images_to_uint8(backbone.decode_latents(latents))[0]
         row = [sample.image, round_trip]
         readings: dict[str, str | None] = {"source": classify_colour(sample.image).colour}
         psnrs: dict[str, float] = {"round_trip": background_psnr(sample.image, round_trip, sample.mask)}
@@ -221,7 +218,7 @@ def run_edits(config: EditConfig, log: Callable[[str], None] = print) -> EditRep
             )
             seconds[method] += time.perf_counter() - start
             with torch.no_grad():
-                result = _to_uint8(backbone.decode_latents(edited))[0]
+                result = images_to_uint8(backbone.decode_latents(edited))[0]
             readings[method] = classify_colour(result).colour
             psnrs[method] = background_psnr(sample.image, result, sample.mask)
             row.append(result)

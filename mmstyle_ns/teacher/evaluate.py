@@ -77,7 +77,8 @@ def sample_images(
     return backbone.decode_latents(latents)
 
 
-def _as_uint8(images: Float[Tensor, "N 3 H W"]) -> UInt8[np.ndarray, "N H W 3"]:
+def images_to_uint8(images: Float[Tensor, "N 3 H W"]) -> UInt8[np.ndarray, "N H W 3"]:
+    """RGB images in [0, 1] (as the backbone decodes them) to uint8 pictures ``[N, H, W, 3]``."""
     return (images.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
@@ -132,7 +133,7 @@ def evaluate_teacher(config: EvalConfig, log: Callable[[str], None] = print) -> 
         originals, _ = generate_images(HELD_OUT_SEED, 0, config.vae_images, resolution)
         recon = np.concatenate(
             [
-                _as_uint8(
+                images_to_uint8(
                     backbone.decode_latents(backbone.encode_images(torch.from_numpy(chunk).permute(0, 3, 1, 2) / 255.0))
                 )
                 for chunk in np.array_split(originals, max(1, len(originals) // 32))
@@ -146,7 +147,7 @@ def evaluate_teacher(config: EvalConfig, log: Callable[[str], None] = print) -> 
     flat = [text for text in prompts for _ in range(config.samples_per_prompt)]
     generator = torch.Generator(device=backbone.device).manual_seed(config.seed)
     chunks = [
-        _as_uint8(
+        images_to_uint8(
             sample_images(backbone, flat[i : i + config.batch_size], config.steps, config.guidance_scale, generator)
         )
         for i in range(0, len(flat), config.batch_size)
