@@ -27,6 +27,7 @@ from torch import Tensor
 
 from mmstyle_ns.models.mm_nerf import ORIGINAL, MMNeRFModel, MMNeRFModelConfig
 from mmstyle_ns.pipelines.mm_nerf import MMNeRFPipeline, MMNeRFPipelineConfig
+from mmstyle_ns.style.cache import StylizedViewCache
 from mmstyle_ns.style.sources import StyleInputError
 
 RECONSTRUCTION_STEPS = 25
@@ -337,6 +338,9 @@ def test_added_style_trains_alone_and_leaves_old_styles_unchanged(
     assert model.trainable == [new]
     assert not model.style_grid.table.requires_grad
     assert [any(p.requires_grad for p in head.parameters()) for head in model.heads] == [False, False, True]
+    # its views are among the first stylization's, whose ray samples were stored: none is marched again
+    assert model.cached_cameras is not None and model.sample_store_hits == len(model.cached_cameras) > 0
+    _assert_cache_matches_live_rays(pipeline, views=[0, len(model.cached_cameras) - 1], style=new)
     # with the style grid frozen, the colour heads' inputs are evaluated once; renders are the same without them
     cache = model.sample_cache
     assert cache is not None and cache.head_inputs is not None
@@ -482,6 +486,34 @@ def test_cached_render_and_loss_match_the_uncached_path(trained: Trained) -> Non
                     torch.testing.assert_close(cached_grad, live_grad, rtol=1e-5, atol=1e-7)
     finally:
         model.train()
+
+
+def test_sample_store_returns_the_marched_samples_for_the_same_geometry_only(trained: Trained, tmp_path: Path) -> None:
+    model = trained.model
+    train_dataset = trained.pipeline.datamanager.train_dataset
+    assert train_dataset is not None
+    cameras = train_dataset.cameras[torch.tensor([0, 2])]
+    store = StylizedViewCache(tmp_path / "samples")
+    fields = ("positions", "weights", "offsets", "accumulation", "depth")
+    kept, density = model.sample_cache, model.field.density_grid.detach().clone()
+    try:
+        marched = model.build_sample_cache(cameras)
+        first = model.build_sample_cache(cameras, store)
+        assert model.sample_store_hits == 0
+        second = model.build_sample_cache(cameras, store)
+        assert model.sample_store_hits == 2
+        for name in fields:  # bit-identical to marching
+            assert torch.equal(getattr(second, name), getattr(marched, name)), name
+            assert torch.equal(getattr(first, name), getattr(marched, name)), name
+        with torch.no_grad():  # another geometry: the stored samples no longer apply
+            model.field.density_grid.add_(torch.randn_like(density))
+        changed = model.build_sample_cache(cameras, store)
+        assert model.sample_store_hits == 0
+        assert not torch.equal(changed.weights, marched.weights) or not torch.equal(changed.offsets, marched.offsets)
+    finally:
+        with torch.no_grad():
+            model.field.density_grid.copy_(density)
+        model.sample_cache = kept
 
 
 # ---- 5. bad style inputs -----------------------------------------------------------------------------------

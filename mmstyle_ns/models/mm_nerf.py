@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,7 @@ from mmstyle_ns.fields.grid_field import trilinear_lookup
 from mmstyle_ns.fields.occupancy import PackedSamples
 from mmstyle_ns.fields.style_field import ColorHeadSpec, FeatureGrid, StyleHead
 from mmstyle_ns.models.base import MMStyleBaseModel, MMStyleBaseModelConfig
+from mmstyle_ns.style.cache import StylizedViewCache
 from mmstyle_ns.style.extractor import StyleExtractorConfig, most_similar
 
 _PENDING_STYLES: contextvars.ContextVar[tuple[list[str], Tensor] | None] = contextvars.ContextVar(
@@ -49,6 +51,16 @@ def pending_styles(names: list[str], embeddings: Float[Tensor, "S D"]) -> Iterat
         yield
     finally:
         _PENDING_STYLES.reset(token)
+
+
+SAMPLE_STORE_VERSION = "1"
+"""Bumped whenever the stored samples' format or what they depend on changes."""
+
+
+def _tensor_bytes(tensor: Tensor) -> bytes:
+    """The raw bytes of a tensor, prefixed with its dtype and shape (for hashing)."""
+    data = tensor.detach().cpu().contiguous()
+    return f"{data.dtype}|{tuple(data.shape)}|".encode() + data.view(-1).view(torch.uint8).numpy().tobytes()
 
 
 ORIGINAL = "original"
@@ -139,6 +151,8 @@ class MMNeRFModel(MMStyleBaseModel):
         self.trainable: list[int] = []
         """Indices of the styles trained in the stylization stage."""
         self.sample_cache: SampleCache | None = None
+        self.sample_store_hits = 0
+        """Views the last :meth:`build_sample_cache` read from its on-disk store instead of marching them."""
         self.style_views: Tensor | None = None
         """Index of each stylized view in the sample cache ``[V]``."""
         self.cached_cameras: Tensor | None = None
@@ -242,32 +256,82 @@ class MMNeRFModel(MMStyleBaseModel):
         self.field.feature_grid.requires_grad_(False)
         self.geometry_frozen = True
 
+    def geometry_key(self) -> str:
+        """Hash of everything the samples and weights of a ray depend on under the frozen geometry: the density
+        grid and its box, the occupancy grid, and the sampler's and cache's settings."""
+        field, sampler = self.field, self.sampler
+        digest = hashlib.sha256(
+            f"samples|v{SAMPLE_STORE_VERSION}|{type(field).__name__}|{field.density_shift!r}|"
+            f"{sampler.step_ratio!r}|{sampler.alpha_threshold!r}|{sampler.early_stop_eps!r}|"
+            f"{sampler.max_samples_per_ray}|{sampler.SEGMENT}|{self.config.near_plane!r}|"
+            f"{self.config.cache_min_weight!r}|".encode()
+        )
+        for tensor in (field.density_grid, field.aabb, field.grid_dims, field.density_scale, sampler.occupancy):
+            digest.update(_tensor_bytes(tensor))
+        digest.update(str(bool(sampler.initialized)).encode())
+        return digest.hexdigest()
+
     @torch.no_grad()
-    def build_sample_cache(self, cameras: Any, chunk: int = 1 << 14) -> SampleCache:
-        """Marches every pixel of ``cameras`` once through the frozen field and keeps the weighted samples."""
+    def _march_view(
+        self, origins: Float[Tensor, "P 3"], directions: Float[Tensor, "P 3"], chunk: int
+    ) -> tuple[Float[Tensor, " S"], Float[Tensor, " S"], Int[Tensor, " P"]]:
+        """Distances, weights and per-pixel counts of the kept samples of one view's rays (sorted by pixel)."""
+        t_mids, weights, counts = [], [], []
+        for o, d in zip(origins.split(chunk), directions.split(chunk), strict=True):
+            samples, w = self.march_weights(o, d)
+            keep = w >= self.config.cache_min_weight
+            t_mids.append(((samples.t_starts + samples.t_ends) / 2)[keep])
+            weights.append(w[keep])
+            counts.append(torch.bincount(samples.ray_indices[keep], minlength=len(o)))
+        return torch.cat(t_mids), torch.cat(weights), torch.cat(counts)
+
+    @torch.no_grad()
+    def build_sample_cache(
+        self, cameras: Any, store: StylizedViewCache | None = None, chunk: int = 1 << 14
+    ) -> SampleCache:
+        """Marches every pixel of ``cameras`` once through the frozen field and keeps the weighted samples.
+
+        Args:
+            cameras: the views to cache (all of the same size).
+            store: on-disk store of the marched samples, keyed by :meth:`geometry_key` and each view's rays;
+                a view found there is not marched again (the samples are bit-identical), a marched one is added.
+            chunk: rays marched at once.
+        """
         was_training = self.training
         self.eval()
         positions, weights, counts, accumulation, depth = [], [], [], [], []
         height, width = int(cameras.height[0]), int(cameras.width[0])
+        geometry = self.geometry_key() if store is not None else ""
+        hits = 0
         for i in track(range(len(cameras)), description="Caching ray samples", transient=True):
             bundle = cameras.generate_rays(camera_indices=i, keep_shape=True)
             origins = bundle.origins.reshape(-1, 3).to(self.device)
             directions = bundle.directions.reshape(-1, 3).to(self.device)
-            for o, d in zip(origins.split(chunk), directions.split(chunk), strict=True):
-                samples, w = self.march_weights(o, d)
-                keep = w >= self.config.cache_min_weight
-                ray_indices = samples.ray_indices[keep]
-                w_kept = w[keep]
-                t_mid = ((samples.t_starts + samples.t_ends) / 2)[keep]
-                acc = torch.zeros(len(o), device=o.device).index_add_(0, ray_indices, w_kept)
-                dep = torch.zeros(len(o), device=o.device).index_add_(0, ray_indices, w_kept * t_mid)
-                positions.append(samples.positions[keep])
-                weights.append(w_kept)
-                counts.append(torch.bincount(ray_indices, minlength=len(o)))
-                accumulation.append(acc)
-                depth.append(dep / acc.clamp_min(1e-6))
+            num = origins.shape[0]
+            if store is None:
+                t_mid, w, count = self._march_view(origins, directions, chunk)
+            else:
+                rays = hashlib.sha256(_tensor_bytes(origins) + _tensor_bytes(directions)).hexdigest()
+                packed = store.load(geometry, rays)
+                if packed is None:
+                    t_mid, w, count = self._march_view(origins, directions, chunk)
+                    store.store(geometry, rays, torch.cat([count.float(), t_mid, w]).cpu().numpy())
+                else:  # counts (exact in float32), then distances, then weights
+                    hits += 1
+                    flat = torch.from_numpy(packed).to(self.device)
+                    count = flat[:num].long()
+                    t_mid, w = flat[num:].view(2, -1)
+            ray_indices = torch.repeat_interleave(torch.arange(num, device=origins.device), count)
+            acc = torch.zeros(num, device=origins.device).index_add_(0, ray_indices, w)
+            dep = torch.zeros(num, device=origins.device).index_add_(0, ray_indices, w * t_mid)
+            positions.append(origins[ray_indices] + directions[ray_indices] * t_mid[:, None])
+            weights.append(w)
+            counts.append(count)
+            accumulation.append(acc)
+            depth.append(dep / acc.clamp_min(1e-6))
         if was_training:
             self.train()
+        self.sample_store_hits = hits
         all_counts = torch.cat(counts)
         offsets = torch.zeros(len(all_counts) + 1, dtype=torch.long, device=all_counts.device)
         offsets[1:] = torch.cumsum(all_counts, 0)

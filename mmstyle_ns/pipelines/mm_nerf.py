@@ -25,6 +25,14 @@ from mmstyle_ns.style.extractor import MultimodalStyleExtractor, PreparedStyle
 from mmstyle_ns.style.sources import parse_style_specs
 from mmstyle_ns.style.targets import consistent_targets, stylized_views
 
+
+def spread(items: list[int], count: int) -> list[int]:
+    """``count`` items evenly spread over ``items``, ends included (all of them when ``count`` is 0 or too many)."""
+    if not 0 < count < len(items):
+        return list(items)
+    return [items[i] for i in np.linspace(0, len(items) - 1, count).round().astype(int).tolist()]
+
+
 DEFAULT_STYLES = ("builtin:coffee", "builtin:hubble_deep_field", "builtin:chelsea")
 
 
@@ -42,12 +50,14 @@ class MMNeRFPipelineConfig(MMStylePipelineConfig):
     style_strength: float = 1.0
     """Strength of the 2D stylization of the training views (0: none, 1: full)."""
     cache_dir: Path | None = None
-    """Folder of the stylized-view cache; default: 'mmstyle_cache' inside the dataset folder."""
+    """Folder of the stylized-view and ray-sample caches; default: 'mmstyle_cache' inside the dataset folder
+    (safe to delete: entries are recomputed when missing)."""
     stylized_views: int = 32
     """Training views stylized per style (evenly spread; 0: all). The 2D stylizer is the slow part of the set-up
     and the multi-view consistent loss ties the views together, so a subset suffices."""
     incremental_views: int = 8
-    """Training views stylized for a style added to a trained model (0: all); fewer views, faster to add."""
+    """Training views stylized for a style added to a trained model (0: all), chosen among the stylized views so
+    that their ray samples, stored on disk by the first stylization, are reused; fewer views, faster to add."""
 
     def check_inputs(self) -> None:
         """Validates the styles (files, modalities, models they need); raises StyleInputError."""
@@ -124,13 +134,13 @@ class MMNeRFPipeline(MMStylePipeline):
         assert dataset is not None
         cameras = dataset.cameras.to(self.device)
         num = len(cameras)
-        wanted = self.config.incremental_views if incremental else self.config.stylized_views
-        views = list(range(num))
-        if 0 < wanted < num:
-            views = np.linspace(0, num - 1, wanted).round().astype(int).tolist()
+        views = spread(list(range(num)), self.config.stylized_views)
+        if incremental:  # a subset of the first stylization's views: their samples are in the store already
+            views = spread(views, self.config.incremental_views)
         sel = torch.tensor(views)
         chosen = cameras[sel.to(cameras.device)]
-        cache = model.build_sample_cache(chosen)  # only the stylized views are ever sampled
+        store = StylizedViewCache(self.cache_root() / "samples")
+        cache = model.build_sample_cache(chosen, store)  # only the stylized views are ever sampled
         if incremental:  # the style grid is frozen: evaluate the colour heads' inputs once
             model.cache_head_inputs()
         _, height, width = cache.image_shape
@@ -180,7 +190,8 @@ class MMNeRFPipeline(MMStylePipeline):
         self.stylization_seconds = time.perf_counter() - start
         CONSOLE.print(
             f"Stylization ready in {self.stylization_seconds:.1f} s: {len(model.trainable)} style(s), "
-            f"{len(views)} views, {cache.positions.shape[0] / max(1, len(views) * height * width):.2f} samples/pixel"
+            f"{len(views)} views ({model.sample_store_hits} with stored samples), "
+            f"{cache.positions.shape[0] / max(1, len(views) * height * width):.2f} samples/pixel"
         )
 
     def style_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:

@@ -35,6 +35,9 @@ class AddStyleArgs:
     """Training views stylized for the new styles (0: all)."""
     timestamp: str = "add-style"
     """Name of the new run folder, next to the loaded one."""
+    cache_dir: Path | None = None
+    """Folder of the stylized-view and ray-sample caches (default: the run's, where its first stylization stored
+    the samples of its views)."""
 
 
 def latest_checkpoint(run_dir: Path) -> Path:
@@ -63,6 +66,8 @@ def add_styles(args: AddStyleArgs) -> tuple[Path, float]:
     config = copy.deepcopy(config)
     config.pipeline.styles = (*config.pipeline.styles, *new_specs)
     config.pipeline.incremental_views = args.views
+    if args.cache_dir is not None:
+        config.pipeline.cache_dir = args.cache_dir
     config.timestamp = args.timestamp
     config.load_dir = None
     device = config.machine.device_type
