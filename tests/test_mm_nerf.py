@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import random
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -603,3 +604,103 @@ def test_stylization_step_gives_gradients_to_one_head_and_the_style_grid(trained
         assert sorted(seen) == [0, 1], "consecutive steps train the styles in turn"
     finally:
         model.zero_grad(set_to_none=True)
+
+
+# ---- 7. the viewer, driven through its websocket as the browser does -----------------------------------------
+
+VIEWER_SIZE = 40
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_viewer_client_picks_and_blends_styles_without_training(
+    trained: Trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import viser.transforms as vtf
+    from nerfstudio.viewer.viewer import VISER_NERFSTUDIO_SCALE_RATIO, Viewer
+    from viser_client import ViewerClient
+
+    config = _config(trained.scene, trained.root, STYLES, "viewer")
+    pipeline = config.pipeline.setup(device="cpu", test_mode="val")  # its own model: the viewer's thread renders it
+    state = torch.load(trained.checkpoint, map_location="cpu")
+    pipeline.load_pipeline(state["pipeline"], state["step"])
+    model = _mm(pipeline)
+    before = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, Tensor)}
+
+    renders: list[tuple[tuple[str, str, float], dict[str, np.ndarray]]] = []
+    render = model.get_outputs_for_camera
+
+    def recording(camera: Cameras, obb_box: Any = None) -> dict[str, Tensor]:
+        outputs = render(camera, obb_box=obb_box)
+        chosen = (model.viewer_style.value, model.viewer_blend_with.value, float(model.viewer_blend.value))
+        frames = {
+            k: (v.clamp(0, 1) * 255).round().to(torch.uint8).numpy() for k, v in outputs.items() if v.shape[-1] == 3
+        }
+        renders.append((chosen, frames))
+        return outputs
+
+    monkeypatch.setattr(model, "get_outputs_for_camera", recording)
+    config.viewer.websocket_host, config.viewer.websocket_port = "127.0.0.1", _free_port()
+    config.viewer.image_format = "png"  # lossless frames
+    viewer = Viewer(
+        config.viewer, log_filename=tmp_path / "viewer.txt", datapath=trained.scene, pipeline=pipeline, train_lock=None
+    )
+    try:
+        viewer.init_scene(
+            train_dataset=pipeline.datamanager.train_dataset,  # type: ignore[arg-type]
+            train_state="completed",
+            eval_dataset=pipeline.datamanager.eval_dataset,
+        )
+        with ViewerClient(config.viewer.websocket_port) as client:
+            assert b"<html" in client.page().lower()  # what a browser loads first
+            client.receive(3.0)
+            style, blend_with, blend = client.gui["Style"], client.gui["Blend with"], client.gui["Blend"]
+            assert style["type"] == blend_with["type"] == "GuiAddDropdownMessage"
+            assert list(style["options"]) == list(blend_with["options"]) == [*NAMES, ORIGINAL]
+            assert (style["value"], blend_with["value"]) == (NAMES[0], ORIGINAL)
+            assert blend["type"] == "GuiAddSliderMessage" and (blend["min"], blend["max"], blend["value"]) == (0, 1, 0)
+
+            c2w = trained.camera.camera_to_worlds[0].numpy()
+            rotation = vtf.SO3.from_matrix(c2w[:3, :3]) @ vtf.SO3.from_x_radians(np.pi)  # OpenGL -> viser's OpenCV
+            fov = 2 * np.arctan(float(trained.camera.height[0]) / 2 / float(trained.camera.fy[0]))
+            client.set_camera(tuple(rotation.wxyz), tuple(c2w[:3, 3] * VISER_NERFSTUDIO_SCALE_RATIO), fov)
+            client.set_value("Max res", VIEWER_SIZE)
+
+            def shown(chosen: tuple[str, str, float], output: str) -> Callable[[np.ndarray], bool]:
+                """Accepts a full-size frame that is exactly the ``output`` of a render made with the viewer set to
+                ``chosen``, and none of that render's other images (so it tells the styles apart)."""
+
+                def accept(frame: np.ndarray) -> bool:
+                    if frame.shape != (VIEWER_SIZE, VIEWER_SIZE, 3):
+                        return False
+                    for c, images in list(renders):
+                        if c != chosen or images[output].shape != frame.shape:
+                            continue
+                        error = {k: int(np.abs(image.astype(int) - frame).max()) for k, image in images.items()}
+                        others = [k for k in (*NAMES, ORIGINAL) if k != output]
+                        if error[output] <= 1 and all(error[k] > 1 for k in others):
+                            return True
+                    return False
+
+                return accept
+
+            for name in (NAMES[0], NAMES[1], ORIGINAL):
+                if name != NAMES[0]:
+                    client.set_value("Style", name)
+                frame = client.receive(90.0, shown((name, ORIGINAL, 0.0), name))
+                assert frame is not None, f"the viewer never streamed '{name}' after the client picked it"
+            client.set_value("Style", NAMES[0])
+            client.set_value("Blend with", NAMES[1])
+            client.set_value("Blend", 0.5)
+            frame = client.receive(90.0, shown((NAMES[0], NAMES[1], 0.5), "rgb"))
+            assert frame is not None, "the viewer never streamed the 50/50 blend of the two styles"
+    finally:
+        viewer.viser_server.stop()
+        for machine in list(viewer.render_statemachines.values()):
+            machine.running = False
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items()), "picking styles changed the model"
