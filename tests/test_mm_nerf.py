@@ -407,6 +407,35 @@ def test_load_dir_with_an_added_style_sets_up(trained: Trained) -> None:
         assert _same_state(_head_state(model, index), _head_state(trained.model, index))
 
 
+def test_add_style_command_writes_a_run_that_renders_old_and_new_styles(trained: Trained) -> None:
+    from nerfstudio.utils.eval_utils import eval_setup
+
+    from mmstyle_ns.scripts.add_style import AddStyleArgs, add_styles
+
+    config = _config(trained.scene, trained.root, STYLES, "trained")  # the trained run's own configuration
+    assert config.get_checkpoint_dir() == trained.checkpoint.parent
+    config.save_config()
+    load_config = config.get_base_dir() / "config.yml"
+    runs = config.get_base_dir().parent
+
+    # a text style without a text-to-image model: stopped before anything is built, naming this command's flag
+    before = sorted(p.name for p in runs.iterdir())
+    with pytest.raises(StyleInputError, match="pass --text-to-image-model <hub id"):
+        add_styles(AddStyleArgs(load_config, ("text:a watercolor",), steps=2, timestamp="refused"))
+    assert sorted(p.name for p in runs.iterdir()) == before
+
+    new_config, _ = add_styles(AddStyleArgs(load_config, (ADDED_STYLE,), steps=4, timestamp="added"))
+    assert new_config == runs / "added" / "config.yml"
+    _, pipeline, _, step = eval_setup(new_config, test_mode="val")  # what ns-render and ns-viewer do
+    assert step == RECONSTRUCTION_STEPS + STYLIZATION_STEPS - 1 + 4
+    model = _mm(pipeline)
+    assert model.style_names == [*NAMES, "rocket"]
+    renders = _render(model, trained.camera.to(model.device))
+    for name in NAMES:
+        torch.testing.assert_close(renders[name], trained.renders[name], rtol=0, atol=1e-6)
+    assert all((renders["rocket"] - renders[name]).abs().max() > 1e-4 for name in NAMES)  # trained, a style of its own
+
+
 def test_regrid_during_stylization_keeps_geometry_frozen(trained: Trained) -> None:
     config = _config(trained.scene, trained.root, STYLES, "regrid")
     _, model_config = _parts(config)

@@ -40,3 +40,21 @@ def test_shipped_teacher_follows_colour_prompts(backbone) -> None:  # noqa: ANN0
     read = [classify_colour(np.ascontiguousarray(p)).colour for p in images_to_uint8(images)]
     correct = sum(r == t for r, t in zip(read, truth, strict=True))
     assert correct >= 7, f"the checker read {read} for {truth}"
+
+
+def test_text_styles_take_the_text_to_image_route_through_the_shipped_teacher() -> None:
+    from mmstyle_ns.style.extractor import StyleExtractorConfig
+    from mmstyle_ns.style.sources import parse_style_specs
+
+    config = StyleExtractorConfig(text_to_image_model=str(SHIPPED), text_to_image_steps=15)  # its own 128x128 size
+    sources = parse_style_specs(("text:a red sphere on wood", "text:a blue cube on grass"))
+    extractor = config.setup()
+    extractor.check(sources)
+    prepared = extractor.prepare(sources)
+    assert [p.prompt for p in prepared] == ["a red sphere on wood", "a blue cube on grass"]
+    assert all(p.image.shape == (128, 128, 3) for p in prepared)
+    read = [classify_colour(np.round(p.image * 255).astype(np.uint8)).colour for p in prepared]
+    assert read == ["red", "blue"]
+    first, second = (p.embedding for p in prepared)
+    torch.testing.assert_close(first.norm(), torch.tensor(1.0))
+    assert float(first @ second) < 0.999  # two styles, two places in the embedding space

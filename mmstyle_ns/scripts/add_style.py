@@ -38,6 +38,12 @@ class AddStyleArgs:
     cache_dir: Path | None = None
     """Folder of the stylized-view and ray-sample caches (default: the run's, where its first stylization stored
     the samples of its views)."""
+    text_to_image_model: str | None = None
+    """Text-to-image model (hub id or diffusers folder) for text and audio styles; default: the run's."""
+    text_to_image_size: int | None = None
+    """Side of the generated style images (a multiple of 8); default: the run's."""
+    audio_model: str | None = None
+    """CLAP model (hub id or folder) matching audio styles to style prompts; default: the run's."""
 
 
 def latest_checkpoint(run_dir: Path) -> Path:
@@ -51,6 +57,7 @@ def latest_checkpoint(run_dir: Path) -> Path:
 def add_styles(args: AddStyleArgs) -> tuple[Path, float]:
     """Trains the new styles; returns the new run's config path and the wall time it took (set-up included)."""
     from mmstyle_ns.pipelines.mm_nerf import MMNeRFPipeline, MMNeRFPipelineConfig
+    from mmstyle_ns.style.extractor import MultimodalStyleExtractor
     from mmstyle_ns.style.sources import parse_style_specs
 
     config = yaml.load(args.load_config.read_text(), Loader=yaml.Loader)
@@ -60,6 +67,12 @@ def add_styles(args: AddStyleArgs) -> tuple[Path, float]:
     new_specs = tuple(args.styles)
     all_sources = parse_style_specs((*config.pipeline.styles, *new_specs))  # validates the new styles first
     new_names = [s.name for s in all_sources[len(old_names) :]]
+    extractor = config.pipeline.model.style_extractor
+    for name in ("text_to_image_model", "text_to_image_size", "audio_model"):
+        if getattr(args, name) is not None:
+            setattr(extractor, name, getattr(args, name))
+    # the models the new styles need, named as this command's flags
+    MultimodalStyleExtractor(extractor, flag_prefix="--").check(all_sources[len(old_names) :])
     checkpoint_path = latest_checkpoint(args.load_config.parent)
 
     start = time.perf_counter()
@@ -111,7 +124,14 @@ def add_styles(args: AddStyleArgs) -> tuple[Path, float]:
 
 def entrypoint() -> None:
     """Console entry point."""
-    add_styles(tyro.cli(AddStyleArgs))
+    from mmstyle_ns.style.sources import StyleInputError
+
+    args = tyro.cli(AddStyleArgs)
+    try:
+        add_styles(args)
+    except StyleInputError as error:
+        CONSOLE.print(f"[bold red]Cannot add these styles:[/bold red]\n{error}")
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

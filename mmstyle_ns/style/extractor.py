@@ -62,10 +62,6 @@ _CLAP_LAYOUT = (
 )
 
 
-def _flag(name: str) -> str:
-    return FLAG_PREFIX + name.replace("_", "-")
-
-
 @dataclass
 class StyleExtractorConfig(InstantiateConfig):
     """Configuration of :class:`MultimodalStyleExtractor`."""
@@ -81,8 +77,9 @@ class StyleExtractorConfig(InstantiateConfig):
     """Hub id or diffusers folder of a text-to-image pipeline rendering text and audio styles as style images."""
     text_to_image_steps: int = 30
     """Denoising steps of the text-to-image pipeline."""
-    text_to_image_size: int = 512
-    """Side of the square generated style images (a multiple of 8)."""
+    text_to_image_size: int | None = None
+    """Side of the square generated style images (a multiple of 8); default: the model's own resolution (512 for
+    Stable Diffusion 1.x, 128 for the toy teacher)."""
     text_to_image_guidance: float = 7.5
     """Classifier-free guidance scale of the text-to-image pipeline."""
     seed: int = 0
@@ -188,14 +185,22 @@ class MultimodalStyleExtractor:
         config: the extractor configuration.
         stylizer: Magenta stylizer whose style vectors serve as ``"magenta"`` embeddings; built on first use
             when not given (pass the one the model already holds to share it).
+        flag_prefix: command-line prefix of the options, named in error messages (default: ns-train's).
     """
 
-    def __init__(self, config: StyleExtractorConfig, stylizer: MagentaStylizer | None = None) -> None:
+    def __init__(
+        self, config: StyleExtractorConfig, stylizer: MagentaStylizer | None = None, flag_prefix: str = FLAG_PREFIX
+    ) -> None:
         self.config = config
+        self.flag_prefix = flag_prefix
+        """How the options are spelled on the command line that built ``config`` (named in error messages)."""
         self._stylizer = stylizer
         self._pipeline: Any = None
         self._clap: tuple[Any, Any] | None = None
         self._clip: tuple[Any, Any] | None = None
+
+    def _flag(self, name: str) -> str:
+        return self.flag_prefix + name.replace("_", "-")
 
     # ------------------------------------------------------------------------------------------- checks
 
@@ -211,36 +216,38 @@ class MultimodalStyleExtractor:
         problems: list[str] = []
         modalities = {source.modality for source in sources}
         if cfg.embedding not in ("magenta", "clip"):
-            problems.append(f"unknown embedding {cfg.embedding!r}: pass {_flag('embedding')} magenta or clip")
+            problems.append(f"unknown embedding {cfg.embedding!r}: pass {self._flag('embedding')} magenta or clip")
         for source in sources:
             if source.modality == "text" and cfg.text_to_image_model is None:
                 problems.append(
                     f"style '{source.name}' is a text prompt; text styles need a text-to-image model: pass "
-                    f"{_flag('text_to_image_model')} <hub id or diffusers folder> ({_DIFFUSERS_LAYOUT})"
+                    f"{self._flag('text_to_image_model')} <hub id or diffusers folder> ({_DIFFUSERS_LAYOUT})"
                 )
             if source.modality == "audio":
                 if cfg.audio_model is None:
                     problems.append(
                         f"style '{source.name}' is an audio clip; audio styles need a CLAP model to match the clip "
-                        f"to a style prompt: pass {_flag('audio_model')} <hub id or CLAP folder> ({_CLAP_LAYOUT})"
+                        f"to a style prompt: pass {self._flag('audio_model')} <hub id or CLAP folder> ({_CLAP_LAYOUT})"
                     )
                 if cfg.text_to_image_model is None:
                     problems.append(
                         f"style '{source.name}' is an audio clip; its matched prompt is rendered by a text-to-image "
-                        f"model: pass {_flag('text_to_image_model')} <hub id or diffusers folder> ({_DIFFUSERS_LAYOUT})"
+                        f"model: pass {self._flag('text_to_image_model')} <hub id or diffusers folder> "
+                        f"({_DIFFUSERS_LAYOUT})"
                     )
                 if not [p for p in cfg.audio_prompts if p.strip()]:
                     problems.append(
-                        f"style '{source.name}' is an audio clip but {_flag('audio_prompts')} is empty; pass the style "
-                        "descriptions to match it against"
+                        f"style '{source.name}' is an audio clip but {self._flag('audio_prompts')} is empty; pass the "
+                        "style descriptions to match it against"
                     )
         needs_generator = bool(modalities & {"text", "audio"})
         if needs_generator and cfg.text_to_image_model is not None:
             problems += self._check_text_to_image(cfg.text_to_image_model)
-            if cfg.text_to_image_size < 8 or cfg.text_to_image_size % 8:
-                problems.append(f"{_flag('text_to_image_size')} must be a positive multiple of 8")
+            size = cfg.text_to_image_size
+            if size is not None and (size < 8 or size % 8):
+                problems.append(f"{self._flag('text_to_image_size')} must be a positive multiple of 8")
             if cfg.text_to_image_steps < 1:
-                problems.append(f"{_flag('text_to_image_steps')} must be at least 1")
+                problems.append(f"{self._flag('text_to_image_steps')} must be at least 1")
         if "audio" in modalities and cfg.audio_model is not None:
             problems += self._check_clap(cfg.audio_model)
         if cfg.embedding == "clip" and sources:
@@ -249,7 +256,7 @@ class MultimodalStyleExtractor:
             raise StyleInputError("\n".join(problems))
 
     def _check_text_to_image(self, value: str) -> list[str]:
-        flag = _flag("text_to_image_model")
+        flag = self._flag("text_to_image_model")
         path = Path(value).expanduser()
         if path.is_dir():
             index = path / "model_index.json"
@@ -266,12 +273,12 @@ class MultimodalStyleExtractor:
         if self.config.offline and not _in_hub_cache(value, "model_index.json"):
             return [
                 f"{flag} {value!r} is neither a local folder nor in the local Hugging Face cache, and nothing is "
-                f"downloaded ({_flag('offline')} is on); pass {_DIFFUSERS_LAYOUT}"
+                f"downloaded ({self._flag('offline')} is on); pass {_DIFFUSERS_LAYOUT}"
             ]
         return []
 
     def _check_clap(self, value: str) -> list[str]:
-        flag = _flag("audio_model")
+        flag = self._flag("audio_model")
         path = Path(value).expanduser()
         if path.is_dir():
             if not (path / "config.json").is_file() or not _has_weights(path):
@@ -282,21 +289,21 @@ class MultimodalStyleExtractor:
         if self.config.offline and not _in_hub_cache(value, "config.json"):
             return [
                 f"{flag} {value!r} is neither a local folder nor in the local Hugging Face cache, and nothing is "
-                f"downloaded ({_flag('offline')} is on); pass {_CLAP_LAYOUT}"
+                f"downloaded ({self._flag('offline')} is on); pass {_CLAP_LAYOUT}"
             ]
         return []
 
     def _check_clip(self) -> list[str]:
-        flag = _flag("clip_checkpoint")
+        flag = self._flag("clip_checkpoint")
         value = self.config.clip_checkpoint
         layout = (
-            f"an open_clip checkpoint file (state dict) for {_flag('clip_model')} {self.config.clip_model}, "
+            f"an open_clip checkpoint file (state dict) for {self._flag('clip_model')} {self.config.clip_model}, "
             "or an open_clip pretrained tag that is in the local cache"
         )
         if value is None:
             return [
-                f"{_flag('embedding')} clip needs CLIP weights, and none ship offline: pass {flag} <{layout}>, or use "
-                f"{_flag('embedding')} magenta (embedded, offline)"
+                f"{self._flag('embedding')} clip needs CLIP weights, and none ship offline: pass {flag} <{layout}>, "
+                f"or use {self._flag('embedding')} magenta (embedded, offline)"
             ]
         path = Path(value).expanduser()
         if path.is_dir():
@@ -315,7 +322,9 @@ class MultimodalStyleExtractor:
         return self._stylizer
 
     def _load_error(self, flag_name: str, value: str, layout: str, exc: Exception) -> StyleInputError:
-        return StyleInputError(f"cannot load {_flag(flag_name)} {value!r} ({type(exc).__name__}: {exc}); pass {layout}")
+        return StyleInputError(
+            f"cannot load {self._flag(flag_name)} {value!r} ({type(exc).__name__}: {exc}); pass {layout}"
+        )
 
     def text_to_image_pipeline(self) -> Any:
         """The text-to-image pipeline (loaded on first use with diffusers' ``AutoPipelineForText2Image``)."""
@@ -323,7 +332,7 @@ class MultimodalStyleExtractor:
             value = self.config.text_to_image_model
             if value is None:
                 raise StyleInputError(
-                    f"no text-to-image model configured: pass {_flag('text_to_image_model')} <hub id or diffusers "
+                    f"no text-to-image model configured: pass {self._flag('text_to_image_model')} <hub id or diffusers "
                     f"folder> ({_DIFFUSERS_LAYOUT})"
                 )
             try:
@@ -339,7 +348,7 @@ class MultimodalStyleExtractor:
             for name in ("tokenizer", "tokenizer_2"):
                 tokenizer = getattr(pipeline, name, None)
                 if tokenizer is not None:
-                    check_tokenizer(tokenizer, _flag("text_to_image_model"), f"{value}/{name}")
+                    check_tokenizer(tokenizer, self._flag("text_to_image_model"), f"{value}/{name}")
             pipeline = pipeline.to(self.config.device)
             pipeline.set_progress_bar_config(disable=True)
             self._pipeline = pipeline
@@ -351,7 +360,8 @@ class MultimodalStyleExtractor:
             value = self.config.audio_model
             if value is None:
                 raise StyleInputError(
-                    f"no CLAP model configured: pass {_flag('audio_model')} <hub id or CLAP folder> ({_CLAP_LAYOUT})"
+                    f"no CLAP model configured: pass {self._flag('audio_model')} <hub id or CLAP folder> "
+                    f"({_CLAP_LAYOUT})"
                 )
             try:
                 from transformers import ClapModel, ClapProcessor
@@ -363,7 +373,7 @@ class MultimodalStyleExtractor:
                 processor = ClapProcessor.from_pretrained(source, local_files_only=self.config.offline)
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise self._load_error("audio_model", value, _CLAP_LAYOUT, exc) from exc
-            check_tokenizer(processor.tokenizer, _flag("audio_model"), value)
+            check_tokenizer(processor.tokenizer, self._flag("audio_model"), value)
             self._clap = (model.to(self.config.device).eval(), processor)
         return self._clap
 
@@ -379,7 +389,7 @@ class MultimodalStyleExtractor:
                 raise MissingDependencyError("CLIP embeddings need open_clip: pip install open_clip_torch") from exc
             name, value = self.config.clip_model, self.config.clip_checkpoint
             if value is None:  # ruled out by _check_clip; narrows the type
-                raise StyleInputError(f"pass {_flag('clip_checkpoint')}")
+                raise StyleInputError(f"pass {self._flag('clip_checkpoint')}")
             path = Path(value).expanduser()
             try:
                 model, _, preprocess = open_clip.create_model_and_transforms(
@@ -387,7 +397,7 @@ class MultimodalStyleExtractor:
                 )
             except (OSError, RuntimeError, ValueError, KeyError) as exc:
                 layout = (
-                    f"an open_clip checkpoint file for {_flag('clip_model')} {name} (known models: see "
+                    f"an open_clip checkpoint file for {self._flag('clip_model')} {name} (known models: see "
                     "open_clip.list_models()), or a pretrained tag in the local cache"
                 )
                 raise self._load_error("clip_checkpoint", value, layout, exc) from exc
@@ -403,7 +413,8 @@ class MultimodalStyleExtractor:
 
     @torch.no_grad()
     def generate_image(self, prompt: str) -> Float[np.ndarray, "H W 3"]:
-        """Renders a prompt into a square style image of ``text_to_image_size`` pixels (seeded)."""
+        """Renders a prompt into a square style image of ``text_to_image_size`` pixels (seeded; ``None``: the
+        pipeline's default size, from its UNet's sample size)."""
         cfg = self.config
         pipeline = self.text_to_image_pipeline()
         generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
@@ -423,7 +434,9 @@ class MultimodalStyleExtractor:
         """Cosine similarity of an audio clip's CLAP embedding with each of ``audio_prompts``."""
         prompts = [p for p in self.config.audio_prompts if p.strip()]
         if not prompts:
-            raise StyleInputError(f"{_flag('audio_prompts')} is empty; pass the style descriptions to match audio to")
+            raise StyleInputError(
+                f"{self._flag('audio_prompts')} is empty; pass the style descriptions to match audio to"
+            )
         model, processor = self.clap()
         extractor = processor.feature_extractor
         rate = int(extractor.sampling_rate)
