@@ -436,6 +436,35 @@ def test_add_style_command_writes_a_run_that_renders_old_and_new_styles(trained:
     assert all((renders["rocket"] - renders[name]).abs().max() > 1e-4 for name in NAMES)  # trained, a style of its own
 
 
+def test_load_dir_from_a_trained_base_run_skips_reconstruction(tiny_scene: Path, tmp_path: Path) -> None:
+    from conftest import short_run_config
+
+    base_config = short_run_config("mmstyle-base", tiny_scene, tmp_path / "base", iterations=RECONSTRUCTION_STEPS)
+    base = base_config.setup(local_rank=0, world_size=1)
+    base.setup()
+    base.train()
+    base_model = base.pipeline.model
+    (base_checkpoint,) = base_config.get_checkpoint_dir().glob("step-*.ckpt")
+
+    config = _config(tiny_scene, tmp_path, STYLES, "from-base", iterations=3)
+    config.load_dir = base_checkpoint.parent  # ns-train mm-nerf --load-dir <base run>/nerfstudio_models
+    trainer = config.setup(local_rank=0, world_size=1)
+    trainer.setup()
+    assert trainer._start_step == RECONSTRUCTION_STEPS  # the base run's steps count as the reconstruction
+    pipeline = trainer.pipeline
+    assert isinstance(pipeline, MMNeRFPipeline)
+    model = pipeline.mm_model
+    assert torch.equal(model.field.density_grid, base_model.field.density_grid)
+    assert torch.equal(model.field.aabb, base_model.field.aabb)
+    eval_dataset = pipeline.datamanager.eval_dataset
+    assert eval_dataset is not None
+    camera = eval_dataset.cameras[0:1]
+    torch.testing.assert_close(_render(model, camera)[ORIGINAL], _render(base_model, camera)["rgb"], rtol=0, atol=1e-6)
+    trainer.train()  # straight into the stylization stage
+    assert pipeline.style_ready and model.trainable == [0, 1]
+    assert torch.equal(model.field.density_grid, base_model.field.density_grid)  # geometry stays the base's
+
+
 def test_regrid_during_stylization_keeps_geometry_frozen(trained: Trained) -> None:
     config = _config(trained.scene, trained.root, STYLES, "regrid")
     _, model_config = _parts(config)
