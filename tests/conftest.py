@@ -60,3 +60,28 @@ def short_run_config(method: str, data: Path, output: Path, iterations: int = 40
         model.reconstruction_steps = iterations * 5 // 8
         pipeline.cache_dir = output / "style_cache"
     return config
+
+
+@pytest.fixture(scope="session")
+def adain_weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Random AdaIN encoder and decoder weights saved like the released files (the VGG one goes on past relu4_1)."""
+    from torch import nn
+
+    from mmstyle_ns.style.adain import build_decoder, build_encoder
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("adain")
+    encoder, decoder = build_encoder(), build_decoder()
+    with torch.no_grad():  # He initialisation keeps the random stacks' activations alive through the ReLUs
+        for conv in (m for m in [*encoder, *decoder] if isinstance(m, nn.Conv2d)):
+            assert conv.bias is not None
+            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            nn.init.normal_(conv.bias, 0.0, 0.05)
+        last = decoder[-1]
+        assert isinstance(last, nn.Conv2d) and last.bias is not None
+        last.weight.mul_(0.05)
+        last.bias.fill_(0.5)  # pictures around mid-grey rather than clipped
+    full_vgg = nn.Sequential(*encoder, nn.ReflectionPad2d(1), nn.Conv2d(512, 512, 3), nn.ReLU())  # relu4_2 onwards
+    torch.save(full_vgg.state_dict(), folder / "vgg_normalised.pth")
+    torch.save(decoder.state_dict(), folder / "decoder.pth")
+    return folder / "vgg_normalised.pth", folder / "decoder.pth"

@@ -633,6 +633,46 @@ def test_ns_train_with_a_bad_style_writes_nothing(tiny_scene: Path, tmp_path: Pa
     assert _tree(tmp_path / "runs") == before
 
 
+def test_ns_train_with_adain_but_no_weights_writes_nothing(tiny_scene: Path, tmp_path: Path) -> None:
+    from nerfstudio.scripts.train import main
+
+    config = _config(tiny_scene, tmp_path, STYLES, "existing")
+    _parts(config)[0].stylizer = "adain"
+    _existing_run(config)
+    before = _tree(tmp_path / "runs")
+    with pytest.raises(StyleInputError, match="--pipeline.adain.vgg-weights <vgg_normalised.pth"):
+        main(config)
+    assert _tree(tmp_path / "runs") == before
+
+
+def test_adain_stylizes_the_training_views(trained: Trained, adain_weights: tuple[Path, Path]) -> None:
+    config = _config(trained.scene, trained.root, STYLES, "adain")
+    pipeline_config, _ = _parts(config)
+    pipeline_config.stylizer = "adain"
+    pipeline_config.style_strength = 0.8
+    pipeline_config.adain.vgg_weights, pipeline_config.adain.decoder_weights = adain_weights
+    pipeline_config.adain.content_size = pipeline_config.adain.style_size = 48
+    pipeline = pipeline_config.setup(device="cpu", test_mode="val")
+    assert isinstance(pipeline, MMNeRFPipeline)
+    state = torch.load(trained.checkpoint, map_location="cpu")
+    pipeline.load_pipeline(state["pipeline"], state["step"])
+    pipeline.mm_model.trained_styles = set()  # stylize both styles afresh
+    pipeline.prepare_stylization()
+    model = pipeline.mm_model
+    assert model.cached_cameras is not None
+    train_dataset = pipeline.datamanager.train_dataset
+    assert train_dataset is not None
+    view = train_dataset.get_image_float32(int(model.cached_cameras[1])).numpy()
+    content, alpha = view[..., :3] * view[..., 3:] + (1 - view[..., 3:]), view[..., 3:]  # over white
+    stylizer = pipeline.stylizer
+    for index in (0, 1):
+        vector = stylizer.style_vector(pipeline.prepared[index].image)
+        assert vector.shape == (1024,)  # AdaIN's statistics, not a Magenta vector
+        expected = stylizer.stylize(content, vector, 0.8) * alpha + (1 - alpha)
+        target = model.style_targets[index].targets[1].numpy() / 255.0
+        np.testing.assert_allclose(target, expected, atol=0.5 / 255 + 1e-6)
+
+
 # ---- 6. one style per step ---------------------------------------------------------------------------------
 
 

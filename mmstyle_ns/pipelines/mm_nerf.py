@@ -20,9 +20,11 @@ from mmstyle_ns.distributed import broadcast_module
 from mmstyle_ns.fields.grid_field import replace_parameters
 from mmstyle_ns.models.mm_nerf import MMNeRFModel, MMNeRFModelConfig, StyleTargets, pending_styles
 from mmstyle_ns.pipelines.base import MMStylePipeline, MMStylePipelineConfig
+from mmstyle_ns.style.adain import AdaINConfig, AdaINStylizer
 from mmstyle_ns.style.cache import StylizedViewCache, style_key_for
 from mmstyle_ns.style.extractor import MultimodalStyleExtractor, PreparedStyle
-from mmstyle_ns.style.sources import parse_style_specs
+from mmstyle_ns.style.magenta import MagentaStylizer
+from mmstyle_ns.style.sources import StyleInputError, parse_style_specs
 from mmstyle_ns.style.targets import consistent_targets, stylized_views
 
 
@@ -47,6 +49,11 @@ class MMNeRFPipelineConfig(MMStylePipelineConfig):
     """Styles, any number: [name=]image:PATH, text:PROMPT, audio:PATH, builtin:NAME (images shipped with
     scikit-image/matplotlib, e.g. coffee, astronaut, chelsea, rocket, hubble_deep_field, grace_hopper), or a
     bare image/audio path. Example: --pipeline.styles starry.jpg "mono=image:art/ink.png" "text:a watercolor"."""
+    stylizer: Literal["magenta", "adain"] = "magenta"
+    """2D stylizer of the training views: Magenta arbitrary style transfer (ONNX, offline) or AdaIN, as in the
+    paper (needs its weights: --pipeline.adain.vgg-weights and --pipeline.adain.decoder-weights)."""
+    adain: AdaINConfig = field(default_factory=AdaINConfig)
+    """AdaIN weights and sizes (used with --pipeline.stylizer adain)."""
     style_strength: float = 1.0
     """Strength of the 2D stylization of the training views (0: none, 1: full)."""
     cache_dir: Path | None = None
@@ -60,8 +67,11 @@ class MMNeRFPipelineConfig(MMStylePipelineConfig):
     that their ray samples, stored on disk by the first stylization, are reused; fewer views, faster to add."""
 
     def check_inputs(self) -> None:
-        """Validates the styles (files, modalities, models they need); raises StyleInputError."""
+        """Validates the styles (files, modalities, models they need) and the 2D stylizer's configuration without
+        loading any model; raises StyleInputError."""
         MultimodalStyleExtractor(self.model.style_extractor).check(parse_style_specs(self.styles))
+        if self.stylizer == "adain" and (problems := self.adain.problems()):
+            raise StyleInputError("\n".join(problems))
 
 
 class MMNeRFPipeline(MMStylePipeline):
@@ -79,9 +89,14 @@ class MMNeRFPipeline(MMStylePipeline):
         grad_scaler: Any = None,
     ) -> None:
         sources = parse_style_specs(config.styles)  # raises StyleInputError before anything is built
+        config.check_inputs()
         extractor = MultimodalStyleExtractor(config.model.style_extractor)
-        extractor.check(sources)
         self.extractor = extractor
+        # AdaIN's weights are loaded (and checked) now, not when the stylization stage starts
+        self.stylizer: MagentaStylizer | AdaINStylizer = (
+            config.adain.setup() if config.stylizer == "adain" else extractor.stylizer
+        )
+        """The 2D stylizer of the training views."""
         self.prepared: list[PreparedStyle] = extractor.prepare(sources)
         names = [p.source.name for p in self.prepared]
         embeddings = torch.stack([p.embedding for p in self.prepared])
@@ -159,7 +174,7 @@ class MMNeRFPipeline(MMStylePipeline):
         poses = chosen.camera_to_worlds.cpu().float()
         intrinsics = torch.cat([chosen.fx, chosen.fy, chosen.cx, chosen.cy], dim=-1).cpu().float()
 
-        stylizer = self.extractor.stylizer
+        stylizer = self.stylizer
         view_cache = StylizedViewCache(self.cache_root())
         strength = self.config.style_strength
         model.style_targets = {}

@@ -103,21 +103,23 @@ def main(args: MMEvalArgs) -> dict:
     from mmstyle_ns.pipelines.mm_nerf import MMNeRFPipeline
 
     assert isinstance(pipeline, MMNeRFPipeline)
-    stylizer = pipeline.extractor.stylizer
+    magenta = pipeline.extractor.stylizer  # style match is measured in Magenta's style space, whatever trained
+    stylizer = pipeline.stylizer  # the run's 2D stylizer, for the per-view baseline
     prepared = {p.source.name: p for p in pipeline.prepared}
     report: dict = {"config": str(args.load_config), "frames": args.num_frames, "styles": {}}
     report["original"] = consistency(np.stack(frames[ORIGINAL]))
     baseline_frames: dict[str, np.ndarray] = {}
     for name in model.style_names:
-        vector = stylizer.style_vector(prepared[name].image)
+        vector = magenta.style_vector(prepared[name].image)
         ours = np.stack(frames[name])
         entry = {"ours": consistency(ours)}
         if args.baseline:
-            per_view = stylizer.stylize(np.stack(frames[ORIGINAL]), vector)
+            own = stylizer.style_vector(prepared[name].image)
+            per_view = stylizer.stylize(np.stack(frames[ORIGINAL]), own, pipeline.config.style_strength)
             per_view = np.where(valid[..., None], per_view, 1.0)  # same white background as the renders
             baseline_frames[name] = per_view
             entry["per_view_2d"] = consistency(per_view)
-        match = style_match_report(ours[:: max(1, len(ours) // 6)], np.stack(frames[ORIGINAL])[::6], vector, stylizer)
+        match = style_match_report(ours[:: max(1, len(ours) // 6)], np.stack(frames[ORIGINAL])[::6], vector, magenta)
         entry["style_match"] = {"stylized": match["stylized"], "unstylized": match["unstylized"], "gain": match["gain"]}
         report["styles"][name] = entry
 

