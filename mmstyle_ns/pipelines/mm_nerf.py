@@ -20,11 +20,11 @@ from mmstyle_ns.distributed import broadcast_module
 from mmstyle_ns.fields.grid_field import replace_parameters
 from mmstyle_ns.models.mm_nerf import MMNeRFModel, MMNeRFModelConfig, StyleTargets, pending_styles
 from mmstyle_ns.pipelines.base import MMStylePipeline, MMStylePipelineConfig
-from mmstyle_ns.style.adain import AdaINConfig, AdaINStylizer
+from mmstyle_ns.style.adain import AdaINConfig
 from mmstyle_ns.style.cache import StylizedViewCache, style_key_for
 from mmstyle_ns.style.extractor import MultimodalStyleExtractor, PreparedStyle
-from mmstyle_ns.style.magenta import MagentaStylizer
 from mmstyle_ns.style.sources import StyleInputError, parse_style_specs
+from mmstyle_ns.style.stylizer import Stylizer
 from mmstyle_ns.style.targets import consistent_targets, stylized_views
 
 
@@ -93,9 +93,7 @@ class MMNeRFPipeline(MMStylePipeline):
         extractor = MultimodalStyleExtractor(config.model.style_extractor)
         self.extractor = extractor
         # AdaIN's weights are loaded (and checked) now, not when the stylization stage starts
-        self.stylizer: MagentaStylizer | AdaINStylizer = (
-            config.adain.setup() if config.stylizer == "adain" else extractor.stylizer
-        )
+        self.stylizer: Stylizer = config.adain.setup() if config.stylizer == "adain" else extractor.stylizer
         """The 2D stylizer of the training views."""
         self.prepared: list[PreparedStyle] = extractor.prepare(sources)
         names = [p.source.name for p in self.prepared]

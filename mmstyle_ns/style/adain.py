@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from torch import Tensor, nn
 
 from mmstyle_ns.style.magenta import as_float_image
 from mmstyle_ns.style.sources import StyleInputError
+from mmstyle_ns.style.stylizer import Stylizer
 
 FEATURES = 512
 """Channels of the ``relu4_1`` features AdaIN normalises."""
@@ -213,7 +213,7 @@ def _resize_short_side(image: Float[Tensor, "1 3 H W"], side: int) -> Float[Tens
     return F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=scale < 1)
 
 
-class AdaINStylizer:
+class AdaINStylizer(Stylizer):
     """Arbitrary style transfer with AdaIN (interface of :class:`~mmstyle_ns.style.magenta.MagentaStylizer`).
 
     Args:
@@ -222,6 +222,8 @@ class AdaINStylizer:
     Raises:
         StyleInputError: the weights are missing, unreadable or of the wrong network.
     """
+
+    vector_dim = 2 * FEATURES
 
     def __init__(self, config: AdaINConfig) -> None:
         problems = config.problems()
@@ -242,8 +244,12 @@ class AdaINStylizer:
         for module in (self.encoder, self.decoder):
             for tensor in module.state_dict().values():
                 digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        self.identifier = f"adain-{digest.hexdigest()[:16]}"
+        self._identifier = f"adain-{digest.hexdigest()[:16]}"
+
+    @property
+    def identifier(self) -> str:
         """Identifies the weights and sizes, e.g. for cache keys."""
+        return self._identifier
 
     def _tensor(self, image: Any, what: str) -> Float[Tensor, "1 3 H W"]:
         array = as_float_image(image, what)
@@ -255,44 +261,18 @@ class AdaINStylizer:
         style = _resize_short_side(self._tensor(image, "style image"), self.config.style_size)
         return feature_statistics(self.encoder(style))[0].float().cpu().numpy()
 
-    def style_vectors(self, images: Sequence[Float[np.ndarray, "H W 3"]]) -> Float[np.ndarray, "S 1024"]:
-        """Style vectors of several style images."""
-        if len(images) == 0:
-            return np.zeros((0, 2 * FEATURES), dtype=np.float32)
-        return np.stack([self.style_vector(image) for image in images])
-
-    @torch.no_grad()
-    def stylize(
-        self,
-        content: Float[np.ndarray, "N H W 3"],
-        vector: Float[np.ndarray, "1024"],
-        strength: float = 1.0,
-    ) -> Float[np.ndarray, "N H W 3"]:
-        """Renders content images in the style of a style vector (a single ``[H, W, 3]`` image is accepted too).
-
-        Args:
-            content: content images in ``[0, 1]``.
-            vector: style statistics from :meth:`style_vector`.
-            strength: in ``[0, 1]``; blends the AdaIN features with the content's own before decoding.
-        """
-        if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength must be in [0, 1], got {strength}")
-        images = np.asarray(content)
-        single = images.ndim == 3
-        if single:
-            images = images[None]
-        style = torch.as_tensor(np.asarray(vector, dtype=np.float32)).reshape(-1).to(self.device)
-        if style.numel() != 2 * FEATURES:
-            raise ValueError(f"style vector must have {2 * FEATURES} values, got {style.numel()}")
+    def _stylize_one(
+        self, image: Float[np.ndarray, "H W 3"], vector: Float[np.ndarray, "1024"], strength: float
+    ) -> Float[np.ndarray, "H W 3"]:
+        """Encoded at ``content_size``, normalised to the style statistics, decoded and resized back; ``strength``
+        blends the normalised features with the content's own before decoding."""
+        style = torch.from_numpy(vector).to(self.device)
         mean, std = style[None, :FEATURES], style[None, FEATURES:]
-        outputs = []
-        for image in images:
-            tensor = self._tensor(image, "content image")
-            height, width = tensor.shape[-2:]
+        tensor = self._tensor(image, "content image")
+        height, width = tensor.shape[-2:]
+        with torch.no_grad():
             features = self.encoder(_resize_short_side(tensor, self.config.content_size))
             mixed = strength * adaptive_instance_norm(features, mean, std) + (1.0 - strength) * features
             decoded = self.decoder(mixed)
-            decoded = F.interpolate(decoded, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
-            outputs.append(decoded[0].clamp(0.0, 1.0).permute(1, 2, 0).cpu().numpy())
-        result = np.stack(outputs).astype(np.float32)
-        return result[0] if single else result
+        decoded = F.interpolate(decoded, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+        return decoded[0].clamp(0.0, 1.0).permute(1, 2, 0).cpu().numpy()

