@@ -633,14 +633,22 @@ def test_ns_train_with_a_bad_style_writes_nothing(tiny_scene: Path, tmp_path: Pa
     assert _tree(tmp_path / "runs") == before
 
 
-def test_ns_train_with_adain_but_no_weights_writes_nothing(tiny_scene: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("weights", ["none", "swapped"])
+def test_ns_train_with_adain_but_bad_weights_writes_nothing(
+    tiny_scene: Path, tmp_path: Path, adain_weights: tuple[Path, Path], weights: str
+) -> None:
     from nerfstudio.scripts.train import main
 
     config = _config(tiny_scene, tmp_path, STYLES, "existing")
-    _parts(config)[0].stylizer = "adain"
+    pipeline_config = _parts(config)[0]
+    pipeline_config.stylizer = "adain"
+    message = "--pipeline.adain.vgg-weights <vgg_normalised.pth"
+    if weights == "swapped":  # files that exist but hold the other network
+        pipeline_config.adain.decoder_weights, pipeline_config.adain.vgg_weights = adain_weights
+        message = "--pipeline.adain.vgg-weights .* holds convolutions"
     _existing_run(config)
     before = _tree(tmp_path / "runs")
-    with pytest.raises(StyleInputError, match="--pipeline.adain.vgg-weights <vgg_normalised.pth"):
+    with pytest.raises(StyleInputError, match=message):
         main(config)
     assert _tree(tmp_path / "runs") == before
 
@@ -671,6 +679,14 @@ def test_adain_stylizes_the_training_views(trained: Trained, adain_weights: tupl
         expected = stylizer.stylize(content, vector, 0.8) * alpha + (1 - alpha)
         target = model.style_targets[index].targets[1].numpy() / 255.0
         np.testing.assert_allclose(target, expected, atol=0.5 / 255 + 1e-6)
+
+    # rendering the trained run (ns-render, the viewer) does not need the AdaIN weights
+    pipeline_config.adain.vgg_weights = pipeline_config.adain.decoder_weights = trained.root / "moved-away.pth"
+    for mode in ("inference", "test"):
+        viewer_pipeline = pipeline_config.setup(device="cpu", test_mode=mode)
+        assert isinstance(viewer_pipeline, MMNeRFPipeline) and viewer_pipeline.mm_model.style_names == list(NAMES)
+        with pytest.raises(StyleInputError, match="is not a file"):  # stylizing again does
+            _ = viewer_pipeline.stylizer
 
 
 # ---- 6. one style per step ---------------------------------------------------------------------------------

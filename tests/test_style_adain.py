@@ -9,7 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from mmstyle_ns.style.adain import AdaINConfig, AdaINStylizer, adaptive_instance_norm, feature_statistics
+from mmstyle_ns.style.adain import (
+    AdaINConfig,
+    AdaINStylizer,
+    adaptive_instance_norm,
+    build_decoder,
+    build_encoder,
+    feature_statistics,
+)
 from mmstyle_ns.style.sources import StyleInputError
 
 SIZE = 48
@@ -41,6 +48,17 @@ def test_adaptive_instance_norm_gives_the_style_statistics() -> None:
     # the content's pattern is kept: per channel, an increasing affine map of it
     flat_in, flat_out = content[0, 0].flatten(), out[0, 0].flatten()
     assert torch.equal(flat_in.argsort(), flat_out.argsort())
+
+
+def test_networks_have_the_released_layout() -> None:
+    """Module indices of the convolutions in the released vgg_normalised.pth and decoder.pth."""
+    encoder_convs = [i for i, m in enumerate(build_encoder()) if isinstance(m, nn.Conv2d)]
+    decoder_convs = [i for i, m in enumerate(build_decoder()) if isinstance(m, nn.Conv2d)]
+    assert encoder_convs == [0, 2, 5, 9, 12, 16, 19, 22, 25, 29]
+    assert decoder_convs == [1, 5, 8, 11, 14, 18, 21, 25, 28]
+    pools = [i for i, m in enumerate(build_encoder()) if isinstance(m, nn.MaxPool2d)]
+    assert pools == [7, 14, 27] and all(build_encoder()[i].ceil_mode for i in pools)
+    assert not isinstance(build_decoder()[-1], nn.ReLU)  # the decoder ends on its last convolution
 
 
 def test_weights_load_by_the_order_of_their_convolutions(weights: tuple[Path, Path], stylizer: AdaINStylizer) -> None:

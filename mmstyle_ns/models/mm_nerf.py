@@ -54,7 +54,8 @@ def pending_styles(names: list[str], embeddings: Float[Tensor, "S D"]) -> Iterat
 
 
 SAMPLE_STORE_VERSION = "1"
-"""Bumped whenever the stored samples' format or what they depend on changes."""
+"""Bumped whenever the stored samples' format or how they are computed changes (the code of
+:class:`~mmstyle_ns.fields.occupancy.OccupancySampler` and ``packed_weights`` included)."""
 
 
 def _tensor_bytes(tensor: Tensor) -> bytes:
@@ -311,7 +312,9 @@ class MMNeRFModel(MMStyleBaseModel):
             if store is None:
                 t_mid, w, count = self._march_view(origins, directions, chunk)
             else:
-                rays = hashlib.sha256(_tensor_bytes(origins) + _tensor_bytes(directions)).hexdigest()
+                # the chunk too: a chunk's longest ray can set the marching step (see OccupancySampler)
+                rays = hashlib.sha256(f"{chunk}|".encode() + _tensor_bytes(origins) + _tensor_bytes(directions))
+                rays = rays.hexdigest()
                 packed = store.load(geometry, rays)
                 if packed is None:
                     t_mid, w, count = self._march_view(origins, directions, chunk)

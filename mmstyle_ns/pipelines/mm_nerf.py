@@ -63,8 +63,8 @@ class MMNeRFPipelineConfig(MMStylePipelineConfig):
     """Training views stylized per style (evenly spread; 0: all). The 2D stylizer is the slow part of the set-up
     and the multi-view consistent loss ties the views together, so a subset suffices."""
     incremental_views: int = 8
-    """Training views stylized for a style added to a trained model (0: all), chosen among the stylized views so
-    that their ray samples, stored on disk by the first stylization, are reused; fewer views, faster to add."""
+    """Views a style added to a trained model trains on, spread over the stylized views (whose ray samples the
+    first stylization stored on disk, so they are reused); 0 or more than stylized-views: all of those."""
 
     def check_inputs(self) -> None:
         """Validates the styles (files, modalities, models they need) and the 2D stylizer's configuration without
@@ -89,12 +89,12 @@ class MMNeRFPipeline(MMStylePipeline):
         grad_scaler: Any = None,
     ) -> None:
         sources = parse_style_specs(config.styles)  # raises StyleInputError before anything is built
-        config.check_inputs()
+        if test_mode == "val":  # training: the 2D stylizer's weights too, not only when the stylization starts
+            config.check_inputs()
         extractor = MultimodalStyleExtractor(config.model.style_extractor)
+        extractor.check(sources)
         self.extractor = extractor
-        # AdaIN's weights are loaded (and checked) now, not when the stylization stage starts
-        self.stylizer: Stylizer = config.adain.setup() if config.stylizer == "adain" else extractor.stylizer
-        """The 2D stylizer of the training views."""
+        self._stylizer: Stylizer | None = None
         self.prepared: list[PreparedStyle] = extractor.prepare(sources)
         names = [p.source.name for p in self.prepared]
         embeddings = torch.stack([p.embedding for p in self.prepared])
@@ -105,6 +105,15 @@ class MMNeRFPipeline(MMStylePipeline):
         self.style_ready = False
         self.stylization_seconds = 0.0
         """Wall time the last :meth:`prepare_stylization` took."""
+
+    @property
+    def stylizer(self) -> Stylizer:
+        """The 2D stylizer of the training views (built on first use: rendering a trained run never needs it)."""
+        stylizer = self._stylizer
+        if stylizer is None:
+            stylizer = self.config.adain.setup() if self.config.stylizer == "adain" else self.extractor.stylizer
+            self._stylizer = stylizer
+        return stylizer
 
     @property
     def mm_model(self) -> MMNeRFModel:

@@ -20,6 +20,9 @@ from nerfstudio.engine.optimizers import Optimizers
 from nerfstudio.utils.rich_utils import CONSOLE
 from rich.progress import track
 
+EXTRACTOR_OPTIONS = ("text_to_image_model", "text_to_image_size", "audio_model")
+"""Options of the run's style extractor this command can override."""
+
 
 @dataclass
 class AddStyleArgs:
@@ -32,7 +35,8 @@ class AddStyleArgs:
     steps: int = 100
     """Training iterations of the new heads (all new styles share them, one style per iteration)."""
     views: int = 8
-    """Training views stylized for the new styles (0: all)."""
+    """Views the new styles train on, spread over the first stylization's views (whose ray samples are stored);
+    0 or more than those: all of them."""
     timestamp: str = "add-style"
     """Name of the new run folder, next to the loaded one."""
     cache_dir: Path | None = None
@@ -68,11 +72,12 @@ def add_styles(args: AddStyleArgs) -> tuple[Path, float]:
     all_sources = parse_style_specs((*config.pipeline.styles, *new_specs))  # validates the new styles first
     new_names = [s.name for s in all_sources[len(old_names) :]]
     extractor = config.pipeline.model.style_extractor
-    for name in ("text_to_image_model", "text_to_image_size", "audio_model"):
+    for name in EXTRACTOR_OPTIONS:
         if getattr(args, name) is not None:
             setattr(extractor, name, getattr(args, name))
-    # the models the new styles need, named as this command's flags
-    MultimodalStyleExtractor(extractor, flag_prefix="--").check(all_sources[len(old_names) :])
+    # the models the new styles need; this command's own flags are named where it has them
+    flags = {name: "--" + name.replace("_", "-") for name in EXTRACTOR_OPTIONS}
+    MultimodalStyleExtractor(extractor, flags=flags).check(all_sources[len(old_names) :])
     checkpoint_path = latest_checkpoint(args.load_config.parent)
 
     start = time.perf_counter()

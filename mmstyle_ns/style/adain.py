@@ -119,8 +119,9 @@ def _conv_keys(state: dict[str, Tensor]) -> list[str]:
     return sorted(prefixes, key=order)
 
 
-def load_convolutions(module: nn.Sequential, path: Path, flag: str, allow_extra: bool) -> None:
-    """Loads a ``Sequential`` state dict into ``module`` by the order of their convolutions.
+def read_convolutions(path: Path, flag: str, module: nn.Sequential, allow_extra: bool) -> list[tuple[Tensor, Tensor]]:
+    """The ``(weight, bias)`` of a ``Sequential`` state dict's convolutions, in module order, checked against the
+    convolutions of ``module`` (a file may hold more after them when ``allow_extra``).
 
     Raises:
         StyleInputError: the file cannot be read, or its convolutions do not match ``module``'s.
@@ -136,19 +137,28 @@ def load_convolutions(module: nn.Sequential, path: Path, flag: str, allow_extra:
         raise StyleInputError(f"{flag} {str(path)!r} is not a state dict of tensors; pass {_LAYOUT}")
     convs = [m for m in module if isinstance(m, nn.Conv2d)]
     keys = _conv_keys(state)
-    expected = [tuple(c.weight.shape) for c in convs]
-    found = [tuple(state[k + ".weight"].shape) for k in keys]
+    expected = [(tuple(c.weight.shape), (c.out_channels,)) for c in convs]
+    found = [
+        (tuple(state[k + ".weight"].shape), tuple(state[k + ".bias"].shape) if k + ".bias" in state else None)
+        for k in keys
+    ]
     if found[: len(convs)] != expected or (not allow_extra and len(found) != len(convs)):
         raise StyleInputError(
-            f"{flag} {str(path)!r} holds convolutions of shapes {found}, expected {expected}"
+            f"{flag} {str(path)!r} holds convolutions (weight, bias shapes) {found}, expected {expected}"
             f"{' (and possibly more after them)' if allow_extra else ''}: is it the right file?"
         )
+    return [(state[k + ".weight"], state[k + ".bias"]) for k in keys[: len(convs)]]
+
+
+def load_convolutions(module: nn.Sequential, path: Path, flag: str, allow_extra: bool) -> None:
+    """Loads a ``Sequential`` state dict into ``module`` by the order of their convolutions (see
+    :func:`read_convolutions`)."""
+    convs = [m for m in module if isinstance(m, nn.Conv2d)]
     with torch.no_grad():
-        for conv, key in zip(convs, keys, strict=False):
-            conv.weight.copy_(state[key + ".weight"])
-            bias = state.get(key + ".bias")
-            if conv.bias is not None and bias is not None:
-                conv.bias.copy_(bias)
+        for conv, (weight, bias) in zip(convs, read_convolutions(path, flag, module, allow_extra), strict=True):
+            assert conv.bias is not None
+            conv.weight.copy_(weight)
+            conv.bias.copy_(bias)
 
 
 def adaptive_instance_norm(
@@ -184,12 +194,17 @@ class AdaINConfig(InstantiateConfig):
     style_size: int = 512
     """Style images are resized so that their shorter side has this many pixels."""
     device: str = "cpu"
-    """Device the networks run on."""
+    """Device the networks run on (they run once per style and view, before the stylization stage)."""
 
-    def problems(self) -> list[str]:
-        """What is wrong with this configuration (empty when the weights can be loaded), without loading them."""
+    def problems(self, read_weights: bool = True) -> list[str]:
+        """What is wrong with this configuration (empty when the weights load); ``read_weights`` also reads the
+        files and checks their convolutions (without building the networks)."""
         found = []
-        for name, usual in (("vgg_weights", "vgg_normalised.pth"), ("decoder_weights", "decoder.pth")):
+        files = (
+            ("vgg_weights", "vgg_normalised.pth", build_encoder, True),
+            ("decoder_weights", "decoder.pth", build_decoder, False),
+        )
+        for name, usual, build, allow_extra in files:
             value = getattr(self, name)
             if value is None:
                 found.append(
@@ -198,6 +213,11 @@ class AdaINConfig(InstantiateConfig):
                 )
             elif not Path(value).expanduser().is_file():
                 found.append(f"{_flag(name)} {str(value)!r} is not a file; pass {_LAYOUT}")
+            elif read_weights:
+                try:
+                    read_convolutions(Path(value).expanduser(), _flag(name), build(), allow_extra)
+                except StyleInputError as error:
+                    found.append(str(error))
         for name in ("content_size", "style_size"):
             if getattr(self, name) < 16:
                 found.append(f"{_flag(name)} must be at least 16")
@@ -226,7 +246,7 @@ class AdaINStylizer(Stylizer):
     vector_dim = 2 * FEATURES
 
     def __init__(self, config: AdaINConfig) -> None:
-        problems = config.problems()
+        problems = config.problems(read_weights=False)  # loading below checks the weights
         if problems:
             raise StyleInputError("\n".join(problems))
         assert config.vgg_weights is not None and config.decoder_weights is not None  # checked above

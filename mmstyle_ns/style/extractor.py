@@ -20,7 +20,7 @@ before anything heavy is loaded, so a missing model fails with one message namin
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -185,22 +185,26 @@ class MultimodalStyleExtractor:
         config: the extractor configuration.
         stylizer: Magenta stylizer whose style vectors serve as ``"magenta"`` embeddings; built on first use
             when not given (pass the one the model already holds to share it).
-        flag_prefix: command-line prefix of the options, named in error messages (default: ns-train's).
+        flags: how a command other than ns-train spells some options (field name to flag), for error messages;
+            the others are named as ns-train's flags (the run's configuration).
     """
 
     def __init__(
-        self, config: StyleExtractorConfig, stylizer: MagentaStylizer | None = None, flag_prefix: str = FLAG_PREFIX
+        self,
+        config: StyleExtractorConfig,
+        stylizer: MagentaStylizer | None = None,
+        flags: Mapping[str, str] | None = None,
     ) -> None:
         self.config = config
-        self.flag_prefix = flag_prefix
-        """How the options are spelled on the command line that built ``config`` (named in error messages)."""
+        self.flags = dict(flags or {})
+        """Command-line spelling of options, by field name, where a command names them other than ns-train."""
         self._stylizer = stylizer
         self._pipeline: Any = None
         self._clap: tuple[Any, Any] | None = None
         self._clip: tuple[Any, Any] | None = None
 
     def _flag(self, name: str) -> str:
-        return self.flag_prefix + name.replace("_", "-")
+        return self.flags.get(name, FLAG_PREFIX + name.replace("_", "-"))
 
     # ------------------------------------------------------------------------------------------- checks
 
