@@ -18,6 +18,7 @@ import soundfile
 import torch
 import torch.nn.functional as F
 
+from mmstyle_ns.style.cache import StylizedViewCache
 from mmstyle_ns.style.extractor import (
     FLAG_PREFIX,
     MultimodalStyleExtractor,
@@ -313,6 +314,35 @@ def test_audio_route_picks_the_closest_prompt(tiny_sd: Path, tiny_clap: Path, cl
     reordered = _config(tiny_sd, tiny_clap).setup(stylizer=stylizer)
     reordered.config.audio_prompts = tuple(reversed(PROMPTS))
     assert reordered.match_audio(clip_wav) == best
+
+
+def test_generated_style_images_are_stored_and_need_no_model_later(
+    tiny_sd: Path, tiny_clap: Path, clip_wav: Path, stylizer: MagentaStylizer, tmp_path: Path
+):
+    models = tmp_path / "models"
+    shutil.copytree(tiny_sd, models / "sd")
+    shutil.copytree(tiny_clap, models / "clap")
+    config = _config(models / "sd", models / "clap")
+    store = StylizedViewCache(tmp_path / "store")
+    sources = parse_style_specs(["wash=text:a watercolor", f"mood=audio:{clip_wav}"])
+    first = config.setup(stylizer=stylizer, store=store).prepare(sources)
+    shutil.rmtree(models)  # e.g. rendering the trained run on another day, with the models gone
+
+    with pytest.raises(StyleInputError, match="is not an existing folder"):  # without the store they are needed
+        config.setup(stylizer=stylizer).check(sources)
+    later = config.setup(stylizer=stylizer, store=store)
+    later.check(sources)
+    second = later.prepare(sources)
+    for a, b in zip(first, second, strict=True):
+        np.testing.assert_array_equal(a.image, b.image)
+        assert a.prompt == b.prompt and torch.equal(a.embedding, b.embedding)
+    assert later._pipeline is None and later._clap is None  # nothing was loaded
+    # another prompt, or another setting of the generator, is generated anew and needs the model
+    with pytest.raises(StyleInputError, match="is not an existing folder"):
+        later.check(parse_style_specs(["text:a pencil sketch"]))
+    config.seed += 1
+    with pytest.raises(StyleInputError, match="is not an existing folder"):
+        later.check(sources[:1])
 
 
 def test_clip_embedding_of_style_images(tiny_sd: Path, tmp_path: Path):

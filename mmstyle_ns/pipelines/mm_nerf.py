@@ -57,8 +57,8 @@ class MMNeRFPipelineConfig(MMStylePipelineConfig):
     style_strength: float = 1.0
     """Strength of the 2D stylization of the training views (0: none, 1: full)."""
     cache_dir: Path | None = None
-    """Folder of the stylized-view and ray-sample caches; default: 'mmstyle_cache' inside the dataset folder
-    (safe to delete: entries are recomputed when missing)."""
+    """Folder of the caches (stylized views, ray samples, style images generated from text and audio); default:
+    'mmstyle_cache' inside the dataset folder (safe to delete: entries are recomputed when missing)."""
     stylized_views: int = 32
     """Training views stylized per style (evenly spread; 0: all). The 2D stylizer is the slow part of the set-up
     and the multi-view consistent loss ties the views together, so a subset suffices."""
@@ -66,10 +66,23 @@ class MMNeRFPipelineConfig(MMStylePipelineConfig):
     """Views a style added to a trained model trains on, spread over the stylized views (whose ray samples the
     first stylization stored on disk, so they are reused); 0 or more than stylized-views: all of those."""
 
+    def cache_root(self) -> Path:
+        """Folder of the caches: stylized views, ray samples, generated style images."""
+        if self.cache_dir is not None:
+            return Path(self.cache_dir)
+        datamanager: Any = self.datamanager
+        data = datamanager.data if datamanager.data is not None else datamanager.dataparser.data
+        return Path(str(data)) / "mmstyle_cache"
+
+    def style_extractor(self, flags: dict[str, str] | None = None) -> MultimodalStyleExtractor:
+        """The multimodal style extractor, keeping generated style images under :meth:`cache_root`."""
+        store = StylizedViewCache(self.cache_root() / "styles")
+        return MultimodalStyleExtractor(self.model.style_extractor, flags=flags, store=store)
+
     def check_inputs(self) -> None:
         """Validates the styles (files, modalities, models they need) and the 2D stylizer's configuration without
         loading any model; raises StyleInputError."""
-        MultimodalStyleExtractor(self.model.style_extractor).check(parse_style_specs(self.styles))
+        self.style_extractor().check(parse_style_specs(self.styles))
         if self.stylizer == "adain" and (problems := self.adain.problems()):
             raise StyleInputError("\n".join(problems))
 
@@ -91,8 +104,8 @@ class MMNeRFPipeline(MMStylePipeline):
         sources = parse_style_specs(config.styles)  # raises StyleInputError before anything is built
         if test_mode == "val":  # training: the 2D stylizer's weights too, not only when the stylization starts
             config.check_inputs()
-        extractor = MultimodalStyleExtractor(config.model.style_extractor)
-        extractor.check(sources)
+        extractor = config.style_extractor()
+        extractor.check(sources)  # a trained run's generated styles are in the store: rendering needs no model
         self.extractor = extractor
         self._stylizer: Stylizer | None = None
         self.prepared: list[PreparedStyle] = extractor.prepare(sources)
@@ -123,12 +136,8 @@ class MMNeRFPipeline(MMStylePipeline):
         return model
 
     def cache_root(self) -> Path:
-        """Folder of the stylized-view cache."""
-        if self.config.cache_dir is not None:
-            return Path(self.config.cache_dir)
-        config: Any = self.datamanager.config
-        data = config.data if config.data is not None else config.dataparser.data
-        return Path(str(data)) / "mmstyle_cache"
+        """Folder of the caches (see :meth:`MMNeRFPipelineConfig.cache_root`)."""
+        return self.config.cache_root()
 
     @torch.no_grad()
     def prepare_stylization(self, optimizers: Any | None = None) -> None:

@@ -61,7 +61,6 @@ def latest_checkpoint(run_dir: Path) -> Path:
 def add_styles(args: AddStyleArgs) -> tuple[Path, float]:
     """Trains the new styles; returns the new run's config path and the wall time it took (set-up included)."""
     from mmstyle_ns.pipelines.mm_nerf import MMNeRFPipeline, MMNeRFPipelineConfig
-    from mmstyle_ns.style.extractor import MultimodalStyleExtractor
     from mmstyle_ns.style.sources import parse_style_specs
 
     config = yaml.load(args.load_config.read_text(), Loader=yaml.Loader)
@@ -75,17 +74,17 @@ def add_styles(args: AddStyleArgs) -> tuple[Path, float]:
     for name in EXTRACTOR_OPTIONS:
         if getattr(args, name) is not None:
             setattr(extractor, name, getattr(args, name))
+    if args.cache_dir is not None:
+        config.pipeline.cache_dir = args.cache_dir
     # the models the new styles need; this command's own flags are named where it has them
     flags = {name: "--" + name.replace("_", "-") for name in EXTRACTOR_OPTIONS}
-    MultimodalStyleExtractor(extractor, flags=flags).check(all_sources[len(old_names) :])
+    config.pipeline.style_extractor(flags).check(all_sources[len(old_names) :])
     checkpoint_path = latest_checkpoint(args.load_config.parent)
 
     start = time.perf_counter()
     config = copy.deepcopy(config)
     config.pipeline.styles = (*config.pipeline.styles, *new_specs)
     config.pipeline.incremental_views = args.views
-    if args.cache_dir is not None:
-        config.pipeline.cache_dir = args.cache_dir
     config.timestamp = args.timestamp
     config.load_dir = None
     device = config.machine.device_type

@@ -20,6 +20,7 @@ before anything heavy is loaded, so a missing model fails with one message namin
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from jaxtyping import Float
 from nerfstudio.configs.base_config import InstantiateConfig
 from torch import Tensor
 
+from mmstyle_ns.style.cache import StylizedViewCache
 from mmstyle_ns.style.magenta import MagentaStylizer, MissingDependencyError, as_float_image
 from mmstyle_ns.style.sources import StyleInputError, StyleSource, load_audio, load_style_image
 
@@ -49,6 +51,10 @@ DEFAULT_AUDIO_PROMPTS = (
     "a busy city street at night painted in neon colors",
 )
 """Style descriptions an audio clip is matched against when no other prompts are configured."""
+
+_GENERATED = "generated-style-image"
+_AUDIO_MATCH = "audio-match"
+"""Namespaces (first key) of the extractor's entries in its store."""
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 _DIFFUSERS_LAYOUT = (
@@ -187,6 +193,7 @@ class MultimodalStyleExtractor:
             when not given (pass the one the model already holds to share it).
         flags: how a command other than ns-train spells some options (field name to flag), for error messages;
             the others are named as ns-train's flags (the run's configuration).
+        store: where generated style images are kept (``None``: generated every time).
     """
 
     def __init__(
@@ -194,10 +201,14 @@ class MultimodalStyleExtractor:
         config: StyleExtractorConfig,
         stylizer: MagentaStylizer | None = None,
         flags: Mapping[str, str] | None = None,
+        store: StylizedViewCache | None = None,
     ) -> None:
         self.config = config
         self.flags = dict(flags or {})
         """Command-line spelling of options, by field name, where a command names them other than ns-train."""
+        self.store = store
+        """On-disk store of generated style images (and audio clips' matched prompts): a text or audio style is
+        generated once; later runs, and renders of a trained run, read it and need no model for it."""
         self._stylizer = stylizer
         self._pipeline: Any = None
         self._clap: tuple[Any, Any] | None = None
@@ -209,7 +220,8 @@ class MultimodalStyleExtractor:
     # ------------------------------------------------------------------------------------------- checks
 
     def check(self, sources: Sequence[StyleSource]) -> None:
-        """Validates the configuration for these styles without loading any model.
+        """Validates the configuration for these styles without loading any model. Text and audio styles whose
+        style images are in :attr:`store` need no model.
 
         Raises:
             StyleInputError: a text/audio style without the models it needs, a CLIP embedding without weights,
@@ -218,10 +230,11 @@ class MultimodalStyleExtractor:
         """
         cfg = self.config
         problems: list[str] = []
-        modalities = {source.modality for source in sources}
         if cfg.embedding not in ("magenta", "clip"):
             problems.append(f"unknown embedding {cfg.embedding!r}: pass {self._flag('embedding')} magenta or clip")
-        for source in sources:
+        generated = [s for s in sources if s.modality in ("text", "audio") and not self.is_stored(s)]
+        modalities = {s.modality for s in sources if s.modality == "image"} | {s.modality for s in generated}
+        for source in generated:
             if source.modality == "text" and cfg.text_to_image_model is None:
                 problems.append(
                     f"style '{source.name}' is a text prompt; text styles need a text-to-image model: pass "
@@ -455,8 +468,7 @@ class MultimodalStyleExtractor:
 
     def match_audio(self, path: Path) -> str:
         """The one of ``audio_prompts`` whose CLAP text embedding is closest to the audio clip's."""
-        prompts = [p for p in self.config.audio_prompts if p.strip()]
-        return prompts[int(np.argmax(self.audio_prompt_scores(path)))]
+        return self.audio_prompts[int(np.argmax(self.audio_prompt_scores(path)))]
 
     @torch.no_grad()
     def embed_image(self, image: Float[np.ndarray, "H W 3"]) -> Float[Tensor, " D"]:
@@ -473,6 +485,49 @@ class MultimodalStyleExtractor:
             vector = torch.from_numpy(self.stylizer.style_vector(image))
         return F.normalize(vector.float(), dim=0)
 
+    @property
+    def audio_prompts(self) -> list[str]:
+        """The non-empty style descriptions audio clips are matched to."""
+        return [p for p in self.config.audio_prompts if p.strip()]
+
+    def _image_key(self, prompt: str) -> str:
+        cfg = self.config
+        recipe = (
+            f"generated|v1|{cfg.text_to_image_model}|{cfg.text_to_image_steps}|{cfg.text_to_image_size}|"
+            f"{cfg.text_to_image_guidance!r}|{cfg.seed}|{prompt}"
+        )
+        return hashlib.sha256(recipe.encode()).hexdigest()
+
+    def _audio_key(self, path: Path) -> str:
+        digest = hashlib.sha256(f"audio-match|v1|{self.config.audio_model}|{chr(0).join(self.audio_prompts)}|".encode())
+        digest.update(Path(path).read_bytes())
+        return digest.hexdigest()
+
+    def stored_prompt(self, source: StyleSource) -> str | None:
+        """The prompt a text or audio style is rendered from, when known without a model (an audio clip's match
+        comes from :attr:`store`)."""
+        if source.modality == "text":
+            return source.value
+        if source.modality != "audio" or self.store is None or not Path(source.path).is_file():
+            return None
+        match = self.store.load(_AUDIO_MATCH, self._audio_key(source.path))
+        prompts = self.audio_prompts
+        if match is None or match.size != 1 or not 0 <= int(match[0]) < len(prompts):
+            return None
+        return prompts[int(match[0])]
+
+    def is_stored(self, source: StyleSource) -> bool:
+        """Whether a text or audio style's style image is in :attr:`store` (it then needs no model)."""
+        prompt = self.stored_prompt(source)
+        return self.store is not None and prompt is not None and (_GENERATED, self._image_key(prompt)) in self.store
+
+    def generated_image(self, prompt: str) -> Float[np.ndarray, "H W 3"]:
+        """The style image of a prompt: from :attr:`store` when it was generated before, else generated (and
+        stored)."""
+        if self.store is None:
+            return self.generate_image(prompt)
+        return self.store.get_or_compute(_GENERATED, self._image_key(prompt), lambda: self.generate_image(prompt))
+
     def prepare(self, sources: Sequence[StyleSource]) -> list[PreparedStyle]:
         """Style image and embedding of every style, in the order given.
 
@@ -487,8 +542,13 @@ class MultimodalStyleExtractor:
                 if source.modality == "image":
                     image = load_style_image(source.path, self.config.max_image_side)
                 else:
-                    prompt = source.value if source.modality == "text" else self.match_audio(source.path)
-                    image = self.generate_image(prompt)
+                    prompt = self.stored_prompt(source)
+                    if prompt is None:  # an audio clip not matched before
+                        prompt = self.match_audio(source.path)
+                        if self.store is not None:
+                            index = np.array([self.audio_prompts.index(prompt)], dtype=np.float32)
+                            self.store.store(_AUDIO_MATCH, self._audio_key(source.path), index)
+                    image = self.generated_image(prompt)
                 prepared.append(PreparedStyle(source, image, self.embed_image(image), prompt))
         finally:
             if self.config.release_generators:
