@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManagerConfig
 from nerfstudio.engine.callbacks import TrainingCallbackAttributes, TrainingCallbackLocation
@@ -424,9 +425,19 @@ def test_add_style_command_writes_a_run_that_renders_old_and_new_styles(trained:
         add_styles(AddStyleArgs(load_config, ("text:a watercolor",), steps=2, timestamp="refused"))
     assert sorted(p.name for p in runs.iterdir()) == before
 
+    # another text-to-image model than the one the run's own text styles came from: refused, nothing written
+    text_run = _config(trained.scene, trained.root, (*STYLES, "text:a watercolor"), "text-run")
+    _parts(text_run)[1].style_extractor.text_to_image_model = "first-model"
+    text_config = text_run.get_base_dir() / "config.yml"  # written as ns-train would (its check needs the model)
+    text_config.parent.mkdir(parents=True)
+    text_config.write_text(yaml.dump(text_run), "utf8")
+    with pytest.raises(StyleInputError, match="were made with text-to-image-model 'first-model'"):
+        add_styles(AddStyleArgs(text_config, (ADDED_STYLE,), text_to_image_model="another-model", timestamp="refused"))
+    assert sorted(p.name for p in runs.iterdir()) == sorted([*before, "text-run"])
+
     new_config, _ = add_styles(AddStyleArgs(load_config, (ADDED_STYLE,), steps=4, timestamp="added"))
     assert new_config == runs / "added" / "config.yml"
-    _, pipeline, _, step = eval_setup(new_config, test_mode="val")  # what ns-render and ns-viewer do
+    _, pipeline, _, step = eval_setup(new_config, test_mode="inference")  # what ns-render does
     assert step == RECONSTRUCTION_STEPS + STYLIZATION_STEPS - 1 + 4
     model = _mm(pipeline)
     assert model.style_names == [*NAMES, "rocket"]

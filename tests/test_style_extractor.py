@@ -326,6 +326,7 @@ def test_generated_style_images_are_stored_and_need_no_model_later(
     store = StylizedViewCache(tmp_path / "store")
     sources = parse_style_specs(["wash=text:a watercolor", f"mood=audio:{clip_wav}"])
     first = config.setup(stylizer=stylizer, store=store).prepare(sources)
+    assert all(config.setup(stylizer=stylizer, store=store).is_stored(s) for s in sources)  # same models, at hand
     shutil.rmtree(models)  # e.g. rendering the trained run on another day, with the models gone
 
     with pytest.raises(StyleInputError, match="is not an existing folder"):  # without the store they are needed
@@ -336,13 +337,21 @@ def test_generated_style_images_are_stored_and_need_no_model_later(
     for a, b in zip(first, second, strict=True):
         np.testing.assert_array_equal(a.image, b.image)
         assert a.prompt == b.prompt and torch.equal(a.embedding, b.embedding)
-    assert later._pipeline is None and later._clap is None  # nothing was loaded
+    # (the models are gone: any attempt to load one would have failed)
     # another prompt, or another setting of the generator, is generated anew and needs the model
     with pytest.raises(StyleInputError, match="is not an existing folder"):
         later.check(parse_style_specs(["text:a pencil sketch"]))
     config.seed += 1
     with pytest.raises(StyleInputError, match="is not an existing folder"):
         later.check(sources[:1])
+    config.seed -= 1
+    # the same folder name with other contents (a retrained model) is another model
+    shutil.copytree(tiny_sd, models / "sd")
+    shutil.copytree(tiny_clap, models / "clap")
+    weights = next((models / "sd" / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes() + b" ")
+    retrained = config.setup(stylizer=stylizer, store=store)
+    assert not retrained.is_stored(sources[0]) and not retrained.is_stored(sources[1])
 
 
 def test_clip_embedding_of_style_images(tiny_sd: Path, tmp_path: Path):

@@ -58,7 +58,8 @@ class MMNeRFPipelineConfig(MMStylePipelineConfig):
     """Strength of the 2D stylization of the training views (0: none, 1: full)."""
     cache_dir: Path | None = None
     """Folder of the caches (stylized views, ray samples, style images generated from text and audio); default:
-    'mmstyle_cache' inside the dataset folder (safe to delete: entries are recomputed when missing)."""
+    'mmstyle_cache' inside the dataset folder. Entries are recomputed when missing; without the stored style images,
+    a run with text or audio styles needs its text-to-image (and CLAP) model again, even to render."""
     stylized_views: int = 32
     """Training views stylized per style (evenly spread; 0: all). The 2D stylizer is the slow part of the set-up
     and the multi-view consistent loss ties the views together, so a subset suffices."""

@@ -61,7 +61,7 @@ def latest_checkpoint(run_dir: Path) -> Path:
 def add_styles(args: AddStyleArgs) -> tuple[Path, float]:
     """Trains the new styles; returns the new run's config path and the wall time it took (set-up included)."""
     from mmstyle_ns.pipelines.mm_nerf import MMNeRFPipeline, MMNeRFPipelineConfig
-    from mmstyle_ns.style.sources import parse_style_specs
+    from mmstyle_ns.style.sources import StyleInputError, parse_style_specs
 
     config = yaml.load(args.load_config.read_text(), Loader=yaml.Loader)
     if not isinstance(config.pipeline, MMNeRFPipelineConfig):
@@ -71,9 +71,17 @@ def add_styles(args: AddStyleArgs) -> tuple[Path, float]:
     all_sources = parse_style_specs((*config.pipeline.styles, *new_specs))  # validates the new styles first
     new_names = [s.name for s in all_sources[len(old_names) :]]
     extractor = config.pipeline.model.style_extractor
+    generated = [s.name for s in all_sources[: len(old_names)] if s.modality in ("text", "audio")]
     for name in EXTRACTOR_OPTIONS:
-        if getattr(args, name) is not None:
-            setattr(extractor, name, getattr(args, name))
+        value, before = getattr(args, name), getattr(extractor, name)
+        if value is None or value == before:
+            continue
+        if generated and before is not None:  # the run's own style images would change with it
+            raise StyleInputError(
+                f"the run's styles {generated} were made with {name.replace('_', '-')} {before!r}; adding styles with "
+                f"--{name.replace('_', '-')} {value!r} would change them: leave the flag out (the run's is used)"
+            )
+        setattr(extractor, name, value)
     if args.cache_dir is not None:
         config.pipeline.cache_dir = args.cache_dir
     # the models the new styles need; this command's own flags are named where it has them

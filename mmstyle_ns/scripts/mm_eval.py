@@ -104,7 +104,6 @@ def main(args: MMEvalArgs) -> dict:
 
     assert isinstance(pipeline, MMNeRFPipeline)
     magenta = pipeline.extractor.stylizer  # style match is measured in Magenta's style space, whatever trained
-    stylizer = pipeline.stylizer  # the run's 2D stylizer, for the per-view baseline
     prepared = {p.source.name: p for p in pipeline.prepared}
     report: dict = {"config": str(args.load_config), "frames": args.num_frames, "styles": {}}
     report["original"] = consistency(np.stack(frames[ORIGINAL]))
@@ -113,9 +112,9 @@ def main(args: MMEvalArgs) -> dict:
         vector = magenta.style_vector(prepared[name].image)
         ours = np.stack(frames[name])
         entry = {"ours": consistency(ours)}
-        if args.baseline:
-            own = stylizer.style_vector(prepared[name].image)
-            per_view = stylizer.stylize(np.stack(frames[ORIGINAL]), own, pipeline.config.style_strength)
+        if args.baseline:  # the run's own 2D stylizer
+            own = pipeline.stylizer.style_vector(prepared[name].image)
+            per_view = pipeline.stylizer.stylize(np.stack(frames[ORIGINAL]), own, pipeline.config.style_strength)
             per_view = np.where(valid[..., None], per_view, 1.0)  # same white background as the renders
             baseline_frames[name] = per_view
             entry["per_view_2d"] = consistency(per_view)
@@ -155,7 +154,14 @@ def main(args: MMEvalArgs) -> dict:
 
 def entrypoint() -> None:
     """Console entry point."""
-    main(tyro.cli(MMEvalArgs))
+    from mmstyle_ns.style.sources import StyleInputError
+
+    args = tyro.cli(MMEvalArgs)
+    try:
+        main(args)
+    except StyleInputError as error:
+        CONSOLE.print(f"[bold red]Cannot evaluate this run:[/bold red]\n{error}")
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

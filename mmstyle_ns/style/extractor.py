@@ -184,6 +184,30 @@ def _in_hub_cache(repo_id: str, filename: str) -> bool:
         return False
 
 
+def model_fingerprint(value: str | None, index_file: str) -> str:
+    """What identifies a model's contents, cheaply: for a folder, its files' names, sizes and modification times
+    and its JSON configs' text; for a hub id, the cached snapshot (its commit) that would be loaded."""
+    if value is None:
+        return "none"
+    path = Path(value).expanduser()
+    if path.is_dir():
+        digest = hashlib.sha256(b"folder|")
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            stat = file.stat()
+            digest.update(f"{file.relative_to(path)}|{stat.st_size}|{stat.st_mtime_ns}|".encode())
+            if file.suffix == ".json":
+                digest.update(file.read_bytes())
+        return f"folder:{digest.hexdigest()}"
+    snapshot = None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        snapshot = try_to_load_from_cache(value, index_file)
+    except (ImportError, ValueError):
+        pass
+    return f"hub:{value}:{snapshot if isinstance(snapshot, str) else 'not-cached'}"
+
+
 class MultimodalStyleExtractor:
     """Turns image, text and audio styles into style images and embeddings (MM-NeRF's MSFE, Sec. 3.3).
 
@@ -206,9 +230,12 @@ class MultimodalStyleExtractor:
         self.config = config
         self.flags = dict(flags or {})
         """Command-line spelling of options, by field name, where a command names them other than ns-train."""
+        self._fingerprints: dict[str, np.ndarray | None] = {}
         self.store = store
         """On-disk store of generated style images (and audio clips' matched prompts): a text or audio style is
-        generated once; later runs, and renders of a trained run, read it and need no model for it."""
+        generated once; later runs, and renders of a trained run, read it and need no model for it. Entries are
+        keyed by the prompt and the generator's settings, and record the model's contents (file names, sizes,
+        times, configs): when the model is at hand and has changed (retrained), the style is generated again."""
         self._stylizer = stylizer
         self._pipeline: Any = None
         self._clap: tuple[Any, Any] | None = None
@@ -493,15 +520,47 @@ class MultimodalStyleExtractor:
     def _image_key(self, prompt: str) -> str:
         cfg = self.config
         recipe = (
-            f"generated|v1|{cfg.text_to_image_model}|{cfg.text_to_image_steps}|{cfg.text_to_image_size}|"
-            f"{cfg.text_to_image_guidance!r}|{cfg.seed}|{prompt}"
+            f"generated|v2|{cfg.text_to_image_model}|{cfg.device}|{cfg.text_to_image_steps}|"
+            f"{cfg.text_to_image_size}|{cfg.text_to_image_guidance!r}|{cfg.seed}|{prompt}"
         )
         return hashlib.sha256(recipe.encode()).hexdigest()
 
     def _audio_key(self, path: Path) -> str:
-        digest = hashlib.sha256(f"audio-match|v1|{self.config.audio_model}|{chr(0).join(self.audio_prompts)}|".encode())
+        prompts = chr(0).join(self.audio_prompts)
+        digest = hashlib.sha256(f"audio-match|v2|{self.config.audio_model}|{prompts}|".encode())
         digest.update(Path(path).read_bytes())
         return digest.hexdigest()
+
+    def _model_state(self, which: str) -> np.ndarray | None:
+        """Fingerprint (32 bytes as float32) of the text-to-image (``"generator"``) or CLAP (``"clap"``) model's
+        contents, or ``None`` when the model is not at hand (a folder that is gone, a hub id not cached)."""
+        if which not in self._fingerprints:
+            value = self.config.text_to_image_model if which == "generator" else self.config.audio_model
+            index = "model_index.json" if which == "generator" else "config.json"
+            available = value is not None and (Path(value).expanduser().is_dir() or _in_hub_cache(value, index))
+            digest = hashlib.sha256(model_fingerprint(value, index).encode()).digest()
+            self._fingerprints[which] = np.frombuffer(digest, dtype=np.uint8).astype(np.float32) if available else None
+        return self._fingerprints[which]
+
+    def _load_checked(self, namespace: str, key: str, which: str) -> np.ndarray | None:
+        """A stored entry, unless the model that made it is at hand and is no longer the same."""
+        assert self.store is not None
+        entry = self.store.load(namespace, key)
+        if entry is None:
+            return None
+        state = self._model_state(which)
+        if state is not None:  # the model is here: the entry must be its own (it may have been retrained)
+            made_by = self.store.load(namespace + "-model", key)
+            if made_by is None or not np.array_equal(made_by, state):
+                return None
+        return entry
+
+    def _store_checked(self, namespace: str, key: str, which: str, entry: np.ndarray) -> None:
+        assert self.store is not None
+        self.store.store(namespace, key, entry)
+        state = self._model_state(which)
+        if state is not None:
+            self.store.store(namespace + "-model", key, state)
 
     def stored_prompt(self, source: StyleSource) -> str | None:
         """The prompt a text or audio style is rendered from, when known without a model (an audio clip's match
@@ -510,23 +569,32 @@ class MultimodalStyleExtractor:
             return source.value
         if source.modality != "audio" or self.store is None or not Path(source.path).is_file():
             return None
-        match = self.store.load(_AUDIO_MATCH, self._audio_key(source.path))
+        match = self._load_checked(_AUDIO_MATCH, self._audio_key(source.path), "clap")
         prompts = self.audio_prompts
         if match is None or match.size != 1 or not 0 <= int(match[0]) < len(prompts):
             return None
         return prompts[int(match[0])]
 
+    def _stored_image(self, prompt: str) -> np.ndarray | None:
+        if self.store is None:
+            return None
+        return self._load_checked(_GENERATED, self._image_key(prompt), "generator")
+
     def is_stored(self, source: StyleSource) -> bool:
         """Whether a text or audio style's style image is in :attr:`store` (it then needs no model)."""
         prompt = self.stored_prompt(source)
-        return self.store is not None and prompt is not None and (_GENERATED, self._image_key(prompt)) in self.store
+        return prompt is not None and self._stored_image(prompt) is not None
 
     def generated_image(self, prompt: str) -> Float[np.ndarray, "H W 3"]:
-        """The style image of a prompt: from :attr:`store` when it was generated before, else generated (and
-        stored)."""
-        if self.store is None:
-            return self.generate_image(prompt)
-        return self.store.get_or_compute(_GENERATED, self._image_key(prompt), lambda: self.generate_image(prompt))
+        """The style image of a prompt: from :attr:`store` when it was generated before (by the same model, when
+        that model is at hand), else generated and stored."""
+        stored = self._stored_image(prompt)
+        if stored is not None:
+            return stored
+        image = self.generate_image(prompt)
+        if self.store is not None:
+            self._store_checked(_GENERATED, self._image_key(prompt), "generator", image)
+        return image
 
     def prepare(self, sources: Sequence[StyleSource]) -> list[PreparedStyle]:
         """Style image and embedding of every style, in the order given.
@@ -547,7 +615,7 @@ class MultimodalStyleExtractor:
                         prompt = self.match_audio(source.path)
                         if self.store is not None:
                             index = np.array([self.audio_prompts.index(prompt)], dtype=np.float32)
-                            self.store.store(_AUDIO_MATCH, self._audio_key(source.path), index)
+                            self._store_checked(_AUDIO_MATCH, self._audio_key(source.path), "clap", index)
                     image = self.generated_image(prompt)
                 prepared.append(PreparedStyle(source, image, self.embed_image(image), prompt))
         finally:
