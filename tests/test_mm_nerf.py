@@ -447,6 +447,30 @@ def test_add_style_command_writes_a_run_that_renders_old_and_new_styles(trained:
     assert all((renders["rocket"] - renders[name]).abs().max() > 1e-4 for name in NAMES)  # trained, a style of its own
 
 
+def test_trained_run_renders_when_its_style_images_cannot_be_made(
+    trained: Trained, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mmstyle_ns.style.extractor import MultimodalStyleExtractor
+
+    def missing_model(self: Any, sources: Any) -> Any:
+        raise StyleInputError("pass --pipeline.model.style-extractor.text-to-image-model <the model that was moved>")
+
+    monkeypatch.setattr(MultimodalStyleExtractor, "prepare", missing_model)
+    config = _config(trained.scene, trained.root, STYLES, "render-only")
+    with pytest.raises(StyleInputError, match="the model that was moved"):  # training needs the images
+        config.pipeline.setup(device="cpu", test_mode="val")
+    pipeline = config.pipeline.setup(device="cpu", test_mode="inference")  # ns-render, the viewer
+    assert isinstance(pipeline, MMNeRFPipeline)
+    state = torch.load(trained.checkpoint, map_location="cpu")
+    pipeline.load_pipeline(state["pipeline"], state["step"])  # the embeddings come from the checkpoint
+    torch.testing.assert_close(pipeline.mm_model.style_embeddings, trained.model.style_embeddings, rtol=0, atol=0)
+    renders = _render(pipeline.mm_model, trained.camera)
+    for name in (*NAMES, ORIGINAL):
+        torch.testing.assert_close(renders[name], trained.renders[name], rtol=0, atol=1e-6)
+    with pytest.raises(StyleInputError, match="style images are needed here: .*the model that was moved"):
+        _ = pipeline.prepared  # e.g. mmstyle-mm-eval's style match
+
+
 def test_load_dir_from_a_trained_base_run_skips_reconstruction(tiny_scene: Path, tmp_path: Path) -> None:
     from conftest import short_run_config
 

@@ -23,6 +23,7 @@ from mmstyle_ns.pipelines.base import MMStylePipeline, MMStylePipelineConfig
 from mmstyle_ns.style.adain import AdaINConfig
 from mmstyle_ns.style.cache import StylizedViewCache, style_key_for
 from mmstyle_ns.style.extractor import MultimodalStyleExtractor, PreparedStyle
+from mmstyle_ns.style.magenta import MissingDependencyError
 from mmstyle_ns.style.sources import StyleInputError, parse_style_specs
 from mmstyle_ns.style.stylizer import Stylizer
 from mmstyle_ns.style.targets import consistent_targets, stylized_views
@@ -59,7 +60,7 @@ class MMNeRFPipelineConfig(MMStylePipelineConfig):
     cache_dir: Path | None = None
     """Folder of the caches (stylized views, ray samples, style images generated from text and audio); default:
     'mmstyle_cache' inside the dataset folder. Entries are recomputed when missing; without the stored style images,
-    a run with text or audio styles needs its text-to-image (and CLAP) model again, even to render."""
+    a run with text or audio styles still renders, but training or evaluating it needs their models again."""
     stylized_views: int = 32
     """Training views stylized per style (evenly spread; 0: all). The 2D stylizer is the slow part of the set-up
     and the multi-view consistent loss ties the views together, so a subset suffices."""
@@ -106,12 +107,24 @@ class MMNeRFPipeline(MMStylePipeline):
         if test_mode == "val":  # training: the 2D stylizer's weights too, not only when the stylization starts
             config.check_inputs()
         extractor = config.style_extractor()
-        extractor.check(sources)  # a trained run's generated styles are in the store: rendering needs no model
         self.extractor = extractor
         self._stylizer: Stylizer | None = None
-        self.prepared: list[PreparedStyle] = extractor.prepare(sources)
-        names = [p.source.name for p in self.prepared]
-        embeddings = torch.stack([p.embedding for p in self.prepared])
+        self._prepared: list[PreparedStyle] | None = None
+        self._unprepared: Exception | None = None
+        names = [source.name for source in sources]
+        try:
+            self._prepared = extractor.prepare(sources)  # checks first; stored generated styles need no model
+            embeddings = torch.stack([p.embedding for p in self._prepared])
+        except (StyleInputError, MissingDependencyError) as error:
+            if test_mode == "val":  # training needs the style images
+                raise
+            # rendering a trained run: the checkpoint holds the style embeddings, the images are only for training
+            self._unprepared = error
+            embeddings = torch.zeros(len(sources), extractor.embedding_dim())
+            CONSOLE.print(
+                "[yellow]The style images are not available, so this run can be rendered but not trained or "
+                f"evaluated further: {str(error).splitlines()[0]}[/yellow]"
+            )
         # the model creates its heads while it is built, so that multi-device training wraps them too
         with pending_styles(names, embeddings):
             super().__init__(config, device, test_mode, world_size, local_rank, grad_scaler)
@@ -119,6 +132,17 @@ class MMNeRFPipeline(MMStylePipeline):
         self.style_ready = False
         self.stylization_seconds = 0.0
         """Wall time the last :meth:`prepare_stylization` took."""
+
+    @property
+    def prepared(self) -> list[PreparedStyle]:
+        """Every style's style image and embedding.
+
+        Raises:
+            StyleInputError: the run was opened for rendering and a style's image needs a model that is missing.
+        """
+        if self._prepared is None:
+            raise StyleInputError(f"the style images are needed here: {self._unprepared}")
+        return self._prepared
 
     @property
     def stylizer(self) -> Stylizer:

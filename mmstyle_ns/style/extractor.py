@@ -497,6 +497,19 @@ class MultimodalStyleExtractor:
         """The one of ``audio_prompts`` whose CLAP text embedding is closest to the audio clip's."""
         return self.audio_prompts[int(np.argmax(self.audio_prompt_scores(path)))]
 
+    def embedding_dim(self) -> int:
+        """Length of the style embeddings, known without loading a model."""
+        if self.config.embedding != "clip":
+            return MagentaStylizer.vector_dim
+        try:
+            import open_clip
+        except ImportError as exc:
+            raise MissingDependencyError("CLIP embeddings need open_clip: pip install open_clip_torch") from exc
+        model_config = open_clip.get_model_config(self.config.clip_model)
+        if model_config is None:
+            raise StyleInputError(f"unknown {self._flag('clip_model')} {self.config.clip_model!r}")
+        return int(model_config["embed_dim"])
+
     @torch.no_grad()
     def embed_image(self, image: Float[np.ndarray, "H W 3"]) -> Float[Tensor, " D"]:
         """L2-normalised embedding of a style image in the configured space (CPU, float32)."""
