@@ -352,6 +352,11 @@ def test_generated_style_images_are_stored_and_need_no_model_later(
     weights.write_bytes(weights.read_bytes() + b" ")
     retrained = config.setup(stylizer=stylizer, store=store)
     assert not retrained.is_stored(sources[0]) and not retrained.is_stored(sources[1])
+    # an audio clip matched before needs no CLAP model, only the generator (here to redraw its image)
+    shutil.rmtree(models / "clap")
+    clap_gone = config.setup(stylizer=stylizer, store=store)
+    clap_gone.check(sources)
+    assert clap_gone.stored_prompt(sources[1]) == first[1].prompt and not clap_gone.is_stored(sources[1])
 
 
 def test_clip_embedding_of_style_images(tiny_sd: Path, tmp_path: Path):

@@ -260,7 +260,8 @@ class MultimodalStyleExtractor:
         if cfg.embedding not in ("magenta", "clip"):
             problems.append(f"unknown embedding {cfg.embedding!r}: pass {self._flag('embedding')} magenta or clip")
         generated = [s for s in sources if s.modality in ("text", "audio") and not self.is_stored(s)]
-        modalities = {s.modality for s in sources if s.modality == "image"} | {s.modality for s in generated}
+        # audio clips matched before need no CLAP model, only the generator for their (stored) prompt
+        unmatched = [s for s in generated if s.modality == "audio" and self.stored_prompt(s) is None]
         for source in generated:
             if source.modality == "text" and cfg.text_to_image_model is None:
                 problems.append(
@@ -268,7 +269,7 @@ class MultimodalStyleExtractor:
                     f"{self._flag('text_to_image_model')} <hub id or diffusers folder> ({_DIFFUSERS_LAYOUT})"
                 )
             if source.modality == "audio":
-                if cfg.audio_model is None:
+                if source in unmatched and cfg.audio_model is None:
                     problems.append(
                         f"style '{source.name}' is an audio clip; audio styles need a CLAP model to match the clip "
                         f"to a style prompt: pass {self._flag('audio_model')} <hub id or CLAP folder> ({_CLAP_LAYOUT})"
@@ -279,12 +280,12 @@ class MultimodalStyleExtractor:
                         f"model: pass {self._flag('text_to_image_model')} <hub id or diffusers folder> "
                         f"({_DIFFUSERS_LAYOUT})"
                     )
-                if not [p for p in cfg.audio_prompts if p.strip()]:
+                if source in unmatched and not self.audio_prompts:
                     problems.append(
                         f"style '{source.name}' is an audio clip but {self._flag('audio_prompts')} is empty; pass the "
                         "style descriptions to match it against"
                     )
-        needs_generator = bool(modalities & {"text", "audio"})
+        needs_generator = bool(generated)
         if needs_generator and cfg.text_to_image_model is not None:
             problems += self._check_text_to_image(cfg.text_to_image_model)
             size = cfg.text_to_image_size
@@ -292,7 +293,7 @@ class MultimodalStyleExtractor:
                 problems.append(f"{self._flag('text_to_image_size')} must be a positive multiple of 8")
             if cfg.text_to_image_steps < 1:
                 problems.append(f"{self._flag('text_to_image_steps')} must be at least 1")
-        if "audio" in modalities and cfg.audio_model is not None:
+        if unmatched and cfg.audio_model is not None:
             problems += self._check_clap(cfg.audio_model)
         if cfg.embedding == "clip" and sources:
             problems += self._check_clip()
