@@ -136,14 +136,11 @@ def add_styles(args: AddStyleArgs) -> tuple[Path, float]:
 
 def entrypoint() -> None:
     """Console entry point."""
-    from mmstyle_ns.style.sources import StyleInputError
+    from mmstyle_ns.scripts import reported_input_errors
 
     args = tyro.cli(AddStyleArgs)
-    try:
+    with reported_input_errors("Cannot add these styles"):
         add_styles(args)
-    except StyleInputError as error:
-        CONSOLE.print(f"[bold red]Cannot add these styles:[/bold red]\n{error}")
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -154,14 +154,11 @@ def main(args: MMEvalArgs) -> dict:
 
 def entrypoint() -> None:
     """Console entry point."""
-    from mmstyle_ns.style.sources import StyleInputError
+    from mmstyle_ns.scripts import reported_input_errors
 
     args = tyro.cli(MMEvalArgs)
-    try:
+    with reported_input_errors("Cannot evaluate this run"):
         main(args)
-    except StyleInputError as error:
-        CONSOLE.print(f"[bold red]Cannot evaluate this run:[/bold red]\n{error}")
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -34,9 +34,8 @@ from jaxtyping import Float
 from nerfstudio.configs.base_config import InstantiateConfig
 from torch import Tensor, nn
 
-from mmstyle_ns.style.magenta import as_float_image
 from mmstyle_ns.style.sources import StyleInputError
-from mmstyle_ns.style.stylizer import Stylizer
+from mmstyle_ns.style.stylizer import Stylizer, as_float_image
 
 FEATURES = 512
 """Channels of the ``relu4_1`` features AdaIN normalises."""

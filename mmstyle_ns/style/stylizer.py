@@ -4,9 +4,25 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from jaxtyping import Float
+
+
+def as_float_image(image: Any, what: str = "image") -> Float[np.ndarray, "H W 3"]:
+    """An RGB image as float32 ``[H, W, 3]`` in ``[0, 1]`` (uint8 is scaled by 1/255, alpha is dropped).
+
+    Raises:
+        ValueError: the array is not ``[H, W, 3]`` or ``[H, W, 4]`` or is empty.
+    """
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[2] not in (3, 4) or array.shape[0] < 1 or array.shape[1] < 1:
+        raise ValueError(f"{what} must be an RGB array [H, W, 3], got shape {tuple(array.shape)}")
+    array = array[..., :3]
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / 255.0
+    return np.clip(array.astype(np.float32), 0.0, 1.0)
 
 
 class Stylizer(abc.ABC):
@@ -55,8 +71,6 @@ class Stylizer(abc.ABC):
         Returns:
             Stylized images in ``[0, 1]``, float32, same shape as ``content``.
         """
-        from mmstyle_ns.style.magenta import as_float_image
-
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {strength}")
         images = np.asarray(content)
