@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import torch
@@ -237,3 +238,141 @@ def test_half_precision_backbone_on_the_accelerator_feeds_a_cpu_render(model_dir
     assert latents.device.type == "cpu" and latents.dtype == torch.float32
     sds(backbone, latents, backbone.text_embeddings("a cat")).loss.backward()
     assert image.grad is not None and torch.isfinite(image.grad).all() and float(image.grad.abs().sum()) > 0
+
+
+def test_timestep_range_can_be_overridden_by_a_rule(model_dir: Path) -> None:
+    config = DiffusionBackboneConfig(model_path=str(model_dir), anneal="linear", anneal_final_max_step_ratio=0.5)
+    backbone = config.setup()
+    assert backbone.timestep_range(min_step_ratio=0.05, max_step_ratio=0.95) == (50, 949)
+    assert backbone.timestep_range(0, 100, 0.05, 0.95) == (50, 949)
+    assert backbone.timestep_range(50, 100, 0.05, 0.95) == (50, round(0.725 * 999)), "anneals from the given max"
+    assert backbone.timestep_range(100, 100, 0.6, 0.9) == (round(0.6 * 999),) * 2, "never below the lowest"
+    t = backbone.sample_timesteps(4000, generator=torch.Generator().manual_seed(0), min_step_ratio=0.5)
+    assert int(t.min()) == round(0.5 * 999) and int(t.max()) == 979
+    with pytest.raises(ValueError, match="min_step_ratio < max_step_ratio"):
+        backbone.timestep_range(min_step_ratio=0.99)
+
+
+def _residuals(backbone: DiffusionBackbone, n: int, scale: float, seed: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Random residuals of the shapes the UNet takes for 8x8 latents, as trainable leaves."""
+    generator = torch.Generator().manual_seed(seed)
+    down_shapes, mid_shape = backbone.unet_residual_shapes(8, 8)
+    down = [(scale * torch.randn(n, *s, generator=generator)).requires_grad_() for s in down_shapes]
+    mid = (scale * torch.randn(n, *mid_shape, generator=generator)).requires_grad_()
+    return down, mid
+
+
+def test_residual_shapes_are_the_controlnet_outputs(backbone: DiffusionBackbone) -> None:
+    down_shapes, mid_shape = backbone.unet_residual_shapes(8, 8)
+    assert backbone.unet_residual_shapes(8, 8) == (down_shapes, mid_shape), "cached"
+    # conv_in and the first block's resnet at 8x8, its downsampler at 4x4, the second (last) block 16 wide.
+    assert down_shapes == [(8, 8, 8), (8, 8, 8), (8, 4, 4), (16, 4, 4)] and mid_shape == (16, 4, 4)
+    latents, t, emb = torch.randn(1, 4, 8, 8), torch.tensor([300]), backbone.text_embeddings("a head")
+    with torch.no_grad():
+        down, mid = backbone.controlnet(
+            latents, t, encoder_hidden_states=emb, controlnet_cond=torch.rand(1, 3, 16, 16), return_dict=False
+        )
+    assert [tuple(r.shape[1:]) for r in down] == down_shapes and tuple(mid.shape[1:]) == mid_shape
+
+
+def test_unet_with_residuals_agrees_with_the_no_grad_path(backbone: DiffusionBackbone) -> None:
+    torch.manual_seed(0)
+    latents, t = torch.randn(2, 4, 8, 8), torch.tensor([100, 700])
+    emb = backbone.text_embeddings("a red chair")
+    eps_u, eps_c = backbone.noise_predictions(latents, t, emb)
+    torch.testing.assert_close(backbone.unet_with_residuals(latents, t, emb), eps_c, atol=1e-5, rtol=1e-4)
+    guided = backbone.unet_with_residuals(latents, t, emb, guidance_scale=5.0)
+    torch.testing.assert_close(
+        guided, backbone.predict_noise(latents, t, emb, guidance_scale=5.0), atol=1e-5, rtol=1e-4
+    )
+    # A ControlNet's residuals given by hand are what controlnet_cond does inside noise_predictions.
+    control = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        down, mid = backbone.controlnet(
+            latents,
+            t,
+            encoder_hidden_states=emb.expand(2, -1, -1),
+            controlnet_cond=control.expand(2, -1, -1, -1),
+            return_dict=False,
+        )
+    by_hand = backbone.unet_with_residuals(latents, t, emb, down, mid)
+    torch.testing.assert_close(
+        by_hand, backbone.noise_predictions(latents, t, emb, controlnet_cond=control)[1], atol=1e-5, rtol=1e-4
+    )
+    # The no-grad paths stay no-grad even for inputs that require a gradient.
+    assert not backbone.predict_noise(latents.requires_grad_(), t, emb).requires_grad
+
+
+def test_unet_with_residuals_sends_gradients_to_inputs_and_residuals_never_to_weights(
+    backbone: DiffusionBackbone,
+) -> None:
+    torch.manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, requires_grad=True)
+    text = backbone.text_embeddings("a statue").clone().requires_grad_()
+    down, mid = _residuals(backbone, 2, 0.1, seed=0)
+    t = torch.tensor([200, 600])
+    for guidance_scale in (None, 7.5):
+        eps = backbone.unet_with_residuals(latents, t, text, down, mid, guidance_scale=guidance_scale)
+        assert eps.shape == (2, 4, 8, 8) and eps.requires_grad
+        eps.square().mean().backward()
+        assert all(g is None for g in _frozen_grads(backbone)), "frozen weights never get a gradient"
+        for residual in [*down, mid]:
+            assert residual.grad is not None and float(residual.grad.abs().sum()) > 0
+        assert latents.grad is not None and float(latents.grad.abs().sum()) > 0
+        assert text.grad is not None and float(text.grad.abs().sum()) > 0
+        for leaf in [*down, mid, latents, text]:
+            leaf.grad = None
+    # The residuals reach the decoder: they change the prediction.
+    with torch.no_grad():
+        assert (
+            backbone.unet_with_residuals(latents, t, text, down, mid) - backbone.unet_with_residuals(latents, t, text)
+        ).abs().max() > 1e-4
+
+
+def test_unet_with_residuals_takes_either_residual_alone_and_checks_them(backbone: DiffusionBackbone) -> None:
+    torch.manual_seed(0)
+    latents, t, emb = torch.randn(1, 4, 8, 8), torch.tensor([500]), backbone.text_embeddings("a cat")
+    down, mid = _residuals(backbone, 1, 0.5, seed=1)
+    zero_down, zero_mid = [torch.zeros_like(r) for r in down], torch.zeros_like(mid)
+    with torch.no_grad():
+        # Down residuals alone are skip-connection residuals (not diffusers' T2I-Adapter reading of them).
+        torch.testing.assert_close(
+            backbone.unet_with_residuals(latents, t, emb, down),
+            backbone.unet_with_residuals(latents, t, emb, down, zero_mid),
+        )
+        mid_only = backbone.unet_with_residuals(latents, t, emb, mid_block_additional_residual=mid)
+        torch.testing.assert_close(mid_only, backbone.unet_with_residuals(latents, t, emb, zero_down, mid))
+        assert (mid_only - backbone.unet_with_residuals(latents, t, emb)).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="skip connections"):
+        backbone.unet_with_residuals(latents, t, emb, down[:-1], mid)
+    with pytest.raises(ValueError, match=r"mid_block_additional_residual has shape"):
+        backbone.unet_with_residuals(latents, t, emb, down, mid[:, :, :2])
+    with pytest.raises(ValueError, match=r"down_block_additional_residuals\[2\] has shape"):
+        backbone.unet_with_residuals(latents, t, emb, [*down[:2], down[0], *down[3:]], mid)  # 8x8 where 4x4 goes
+
+
+def _residual_gradients_cross_precision_and_device(
+    model_dir: Path, dtype: Literal["float16", "bfloat16"], device: str | None
+) -> None:
+    """Half-precision weights (optionally on another device); fp32 CPU latents and residuals still get gradients."""
+    backbone = DiffusionBackboneConfig(model_path=str(model_dir), dtype=dtype, device=device).setup()
+    down, mid = _residuals(backbone, 1, 0.1, seed=2)
+    latents = torch.randn(1, 4, 8, 8, requires_grad=True)
+    eps = backbone.unet_with_residuals(latents, 400, backbone.text_embeddings("a cat"), down, mid, guidance_scale=3.0)
+    assert eps.device.type == "cpu" and eps.dtype == torch.float32
+    eps.square().mean().backward()
+    for leaf in [*down, mid, latents]:
+        assert leaf.grad is not None and leaf.grad.dtype == torch.float32 and torch.isfinite(leaf.grad).all()
+        assert float(leaf.grad.abs().sum()) > 0
+    assert all(g is None for g in _frozen_grads(backbone))
+
+
+def test_residual_gradients_cross_precision(model_dir: Path) -> None:
+    _residual_gradients_cross_precision_and_device(model_dir, "bfloat16", None)
+
+
+@pytest.mark.gpu
+def test_residual_gradients_cross_to_a_half_precision_accelerator(model_dir: Path) -> None:
+    accelerator = torch.accelerator.current_accelerator()
+    assert accelerator is not None
+    _residual_gradients_cross_precision_and_device(model_dir, "float16", str(accelerator))

@@ -853,3 +853,81 @@ def test_viewer_client_picks_and_blends_styles_without_training(
             machine.running = False
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items()), "picking styles changed the model"
+
+
+# ---- the paper's CLIP route, offline: the toy CLIP and the toy teacher --------------------------------------
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+CLIP_STYLES = ("builtin:coffee", "red=text:a red sphere on a wooden floor", "blue=text:a blue cube on grass")
+
+
+def test_clip_embedding_puts_image_and_text_styles_in_one_space(tiny_scene: Path, tmp_path: Path) -> None:
+    """With ``embedding clip`` and the shipped toy CLIP, image styles and text styles (made into images by the
+    toy teacher) are embedded in one CLIP space: each text style's image lies nearer its own prompt than the
+    other's, a new text style starts from the head of its CLIP-nearest trained style, and mm-eval reports the
+    CLIP-space figures."""
+    from mmstyle_ns.clip.loader import load_clip
+    from mmstyle_ns.scripts.mm_eval import MMEvalArgs
+    from mmstyle_ns.scripts.mm_eval import main as mm_eval
+
+    def clip_config(styles: tuple[str, ...], timestamp: str, iterations: int) -> TrainerConfig:
+        config = _config(tiny_scene, tmp_path, styles, timestamp, iterations)
+        extractor = _parts(config)[1].style_extractor
+        extractor.embedding = "clip"
+        extractor.clip_model = "toy-clip"
+        extractor.clip_checkpoint = str(EXAMPLES / "toy-clip")
+        extractor.text_to_image_model = str(EXAMPLES / "toy-teacher")
+        extractor.text_to_image_steps = 20
+        return config
+
+    config = clip_config(CLIP_STYLES, "clip", RECONSTRUCTION_STEPS + 4)
+    trainer = config.setup(local_rank=0, world_size=1)
+    trainer.setup()
+    trainer.train()
+    pipeline = trainer.pipeline
+    assert isinstance(pipeline, MMNeRFPipeline)
+    model = pipeline.mm_model
+    clip = load_clip("toy-clip", str(EXAMPLES / "toy-clip"))
+    prepared = {p.source.name: p for p in pipeline.prepared}
+    assert model.style_embeddings.shape == (3, clip.embed_dim)
+    for index, name in enumerate(model.style_names):  # the style image's CLIP image embedding
+        expected = clip.encode_images(prepared[name].image[None])[0]
+        torch.testing.assert_close(model.style_embeddings[index], expected, rtol=0, atol=1e-5)
+    texts = clip.encode_texts([str(prepared["red"].prompt), str(prepared["blue"].prompt)])
+    red, blue = model.style_names.index("red"), model.style_names.index("blue")
+    sims = model.style_embeddings[[red, blue]] @ texts.T  # [image of red, blue] x [red, blue prompt]
+    assert sims[0, 0] > sims[0, 1] and sims[1, 1] > sims[1, 0]
+
+    # incremental: a new red text style starts from the red style's head, the CLIP-nearest trained style
+    added = clip_config((*CLIP_STYLES, "crimson=text:two red spheres on stone"), "clip-added", 1)
+    loaded = added.pipeline.setup(device="cpu", test_mode="val")
+    assert isinstance(loaded, MMNeRFPipeline)
+    (checkpoint,) = sorted(config.get_checkpoint_dir().glob("step-*.ckpt"))
+    state = torch.load(checkpoint, map_location="cpu")
+    loaded.load_pipeline(state["pipeline"], state["step"])
+    new_model = loaded.mm_model
+    new = new_model.style_names.index("crimson")
+    assert new_model.initialise_new_heads() == [new]
+    embeddings = new_model.style_embeddings
+    scores = {n: float(embeddings[new] @ embeddings[i]) for i, n in enumerate(new_model.style_names) if i != new}
+    assert max(scores, key=lambda n: scores[n]) == "red", scores
+    assert _same_state(_head_state(new_model, new), _head_state(new_model, red))
+
+    config.save_config()
+    report = mm_eval(
+        MMEvalArgs(
+            config.get_base_dir() / "config.yml",
+            tmp_path / "eval",
+            num_frames=6,
+            gaps=(1, 2),
+            sheet_columns=3,
+            baseline=False,
+        )
+    )
+    assert report["clip"]["model"] == "toy-clip"
+    agreement = report["clip"]["modality_agreement"]
+    assert agreement["styles"] == ["red", "blue"] and agreement["matched"] > agreement["unrelated"]
+    for name in model.style_names:
+        match = report["styles"][name]["clip_style_match"]
+        assert -1.0 <= match["unstylized"] <= 1.0 and -1.0 <= match["stylized"] <= 1.0
+    assert report["styles"]["red"]["clip_text_similarity"]["prompt"] == prepared["red"].prompt

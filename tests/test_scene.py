@@ -25,6 +25,13 @@ from mmstyle_ns.data.textures import load_portrait, sample_bilinear
 
 RES = 40
 VIEWS = 10
+TOY_CAPTION = "a red cube on a wooden floor"
+ELEVATIONS = {"object360": (15.0, 60.0), "head": (0.0, 10.0), "toy": (15.0, 50.0)}
+
+
+def _build(kind: str, seed: int):
+    """``build_scene`` of any kind (the toy kind with :data:`TOY_CAPTION`)."""
+    return build_scene(kind, seed=seed, caption=TOY_CAPTION if kind == "toy" else None)
 
 
 @pytest.fixture(scope="module")
@@ -117,9 +124,9 @@ def test_hard_shadow_under_object():
 # ----------------------------------------------------------------------------------------------- poses
 
 
-@pytest.mark.parametrize("kind", ["object360", "head"])
+@pytest.mark.parametrize("kind", ["object360", "head", "toy"])
 def test_orbit_poses_look_at_centre(kind: str):
-    setup = build_scene(kind, seed=3)
+    setup = _build(kind, seed=3)
     poses = make_cameras(setup, 40)
     rot = poses[:, :3, :3]
     np.testing.assert_allclose(rot @ rot.transpose(0, 2, 1), np.broadcast_to(np.eye(3), rot.shape), atol=1e-9)
@@ -133,7 +140,7 @@ def test_orbit_poses_look_at_centre(kind: str):
     # Camera x axes are horizontal (no roll), so images are upright.
     assert np.abs(rot[:, 2, 0]).max() < 1e-9
     elevation = np.degrees(np.arcsin((poses[:, 2, 3] - setup.center[2]) / dist))
-    lo, hi = (15.0, 60.0) if kind == "object360" else (0.0, 10.0)
+    lo, hi = ELEVATIONS[kind]
     assert elevation.min() >= lo - 1e-6 and elevation.max() <= hi + 1e-6
     azimuth = np.degrees(np.arctan2(poses[:, 1, 3], poses[:, 0, 3])) % 360
     assert np.histogram(azimuth, bins=4, range=(0, 360))[0].min() >= 8  # full 360 degree coverage
@@ -217,7 +224,7 @@ def _reprojection_stats(rgb, depth, poses, k, pose_b_used) -> tuple[float, float
 
 
 def _pair(kind: str):
-    setup = build_scene(kind, seed=0)
+    setup = _build(kind, seed=0)
     poses = make_cameras(setup, 24)
     pair = poses[[0, 2]] if kind != "forward" else poses[[0, 23]]
     k = cam.intrinsics_from_fov(48, 48, setup.fov_deg)
@@ -406,3 +413,141 @@ def test_loads_with_nerfstudio_dataparser(object360_dir: Path):
     fl_x = json.loads((object360_dir / "transforms.json").read_text())["fl_x"]
     assert float(train.cameras.fx[0]) == pytest.approx(fl_x)
     assert int(train.cameras.width[0]) == RES
+
+
+# ----------------------------------------------------------------------------------------------- toy kind
+
+
+@pytest.fixture(scope="module")
+def toy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("toy") / "ds"
+    return generate_scene("toy", out, num_views=6, resolution=32, eval_every=3, caption=TOY_CAPTION)
+
+
+def test_toy_dataset_loads_and_rebuilds(toy_dir: Path):
+    meta = json.loads((toy_dir / "transforms.json").read_text())
+    assert (meta["w"], meta["h"]) == (32, 32) and len(meta["frames"]) == 6
+    for frame in meta["frames"]:
+        with Image.open(toy_dir / frame["file_path"]) as img:
+            assert img.mode == "RGBA" and img.size == (32, 32)
+        depth = np.asarray(Image.open(toy_dir / frame["depth_file_path"]))
+        assert depth.dtype == np.uint16 and 0.15 < (depth > 0).mean() < 0.9
+        assert 1500 < depth[depth > 0].min() and depth.max() < 5000  # seen from about 3.2 units away
+    scene = json.loads((toy_dir / "scene.json").read_text())
+    assert scene["kind"] == "toy" and scene["caption"] == TOY_CAPTION
+    assert scene["options"] == {"caption": TOY_CAPTION}
+    assert [o["name"] for o in scene["objects"]] == ["ground_disc", "red_cube_1"]
+    assert np.abs(np.asarray(scene["aabb"])).max() <= 1.0
+    setup = load_scene(toy_dir)
+    assert setup.scene == build_scene("toy", 0, caption=TOY_CAPTION).scene
+    frame = meta["frames"][1]
+    k = (meta["fl_x"], meta["fl_y"], meta["cx"], meta["cy"])
+    _, depth = render_views(setup, np.asarray(frame["transform_matrix"]), k, 32, 32)
+    stored = np.asarray(Image.open(toy_dir / frame["depth_file_path"])).astype(np.float64) / 1000.0
+    np.testing.assert_allclose(stored, depth[0], atol=6e-4)
+
+
+def test_toy_generation_is_deterministic(toy_dir: Path, tmp_path: Path):
+    again = generate_scene("toy", tmp_path / "again", num_views=6, resolution=32, eval_every=3, caption=TOY_CAPTION)
+    assert _read_tree(again) == _read_tree(toy_dir)
+    other = build_scene("toy", 0, caption="a red cube on grass")
+    assert other.scene.primitives == build_scene("toy", 0, caption=TOY_CAPTION).scene.primitives  # same layout
+    assert other.scene.materials[0] != build_scene("toy", 0, caption=TOY_CAPTION).scene.materials[0]
+    assert build_scene("toy", 1, caption=TOY_CAPTION).scene.primitives != other.scene.primitives
+
+
+@pytest.mark.parametrize(
+    ("text", "colour"),
+    [
+        ("a red cube on grass", "red"),
+        ("a blue sphere on stone", "blue"),
+        ("two shiny green cylinders on a wooden floor", "green"),
+        ("three yellow cubes on a plain floor", "yellow"),
+    ],
+)
+def test_toy_colour_reads_as_the_caption_says(text: str, colour: str):
+    from mmstyle_ns.teacher.checker import classify_colour
+    from mmstyle_ns.teacher.data import OBJECT_RGB
+
+    setup = build_scene("toy", seed=2, caption=text)
+    assert all(setup.scene.materials[prim.material].color == OBJECT_RGB[colour] for prim in setup.scene.primitives[1:])
+    poses = make_cameras(setup, 6)
+    k = cam.intrinsics_from_fov(64, 64, setup.fov_deg)
+    rgb, _ = render_views(setup, poses, k, 64, 64, supersample=1)
+    reads = [classify_colour(image).colour for image in rgb]
+    assert sum(read == colour for read in reads) >= 5, reads
+
+
+@pytest.mark.parametrize("count", [1, 2, 3])
+@pytest.mark.parametrize("shape", ["sphere", "cube", "cylinder"])
+def test_toy_count_shape_and_layout(count: int, shape: str):
+    words = {1: "a", 2: "two", 3: "three"}
+    text = f"{words[count]} shiny white {shape}{'s' if count > 1 else ''} on stone"
+    for seed in range(3):
+        setup = build_scene("toy", seed=seed, caption=text)
+        ground, *objects = setup.scene.primitives
+        assert isinstance(ground, rt.Disc) and len(objects) == count
+        expected = {"sphere": rt.Ellipsoid, "cube": rt.Box, "cylinder": rt.Cylinder}[shape]
+        assert all(isinstance(prim, expected) for prim in objects)
+        assert all(setup.scene.materials[p.material].specular == pytest.approx(0.6) for p in objects)
+        boxes = np.stack([np.stack(prim.bounds()) for prim in objects])  # [count, 2, 3]
+        np.testing.assert_allclose(boxes[:, 0, 2], ground.center[2])  # standing on the ground
+        centres, halves = boxes[:, :, :2].mean(axis=1), (boxes[:, 1, :2] - boxes[:, 0, :2]) / 2
+        assert (np.linalg.norm(centres, axis=1) + halves.max(axis=1) < ground.radius).all()
+        for i in range(count):
+            for j in range(i):  # footprints apart
+                assert np.linalg.norm(centres[i] - centres[j]) > halves[i].max() + halves[j].max()
+        lo, hi = setup.scene.bounds()
+        assert lo.min() >= -1.0 and hi.max() <= 1.0
+        np.testing.assert_allclose(setup.center, boxes.reshape(-1, 3).min(0) / 2 + boxes.reshape(-1, 3).max(0) / 2)
+    matte = build_scene("toy", seed=0, caption=text.replace("shiny ", ""))
+    assert all(matte.scene.materials[p.material].specular == 0.0 for p in matte.scene.primitives)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        (None, "needs a caption"),
+        ("  ", "needs a caption"),
+        ("a red cube", "unreadable toy caption"),
+        ("a pink cube on grass", "unreadable toy caption.*colour"),
+        ("four red cubes on grass", "unreadable toy caption"),
+        ("a red cubes on grass", "unreadable toy caption"),
+        ("a painting of a red cube on grass", "only photo captions"),
+        ("a cartoon of two blue spheres on stone", "only photo captions"),
+    ],
+)
+def test_toy_rejects_bad_captions(text: str | None, match: str, tmp_path: Path):
+    with pytest.raises(ValueError, match=match):
+        build_scene("toy", caption=text)
+    with pytest.raises(ValueError, match=match):
+        generate_scene("toy", tmp_path / "ds", num_views=2, resolution=8, caption=text)
+    assert not (tmp_path / "ds").exists()
+
+
+def test_caption_only_for_the_toy_kind():
+    with pytest.raises(ValueError, match="only applies to the toy"):
+        build_scene("object360", caption=TOY_CAPTION)
+
+
+def test_cli_toy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    from mmstyle_ns.scripts.scene import entrypoint
+
+    out = tmp_path / "toy"
+    base = ["mmstyle-scene", "--num-views", "3", "--resolution", "16"]
+    argv = [*base, "--kind", "toy", "--caption", "two blue spheres on grass", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    entrypoint()
+    assert "two blue spheres on grass" in capsys.readouterr().out
+    assert json.loads((out / "scene.json").read_text())["caption"] == "two blue spheres on grass"
+    for argv, message in (
+        (["--kind", "toy"], "needs --caption"),
+        (["--kind", "forward", "--caption", TOY_CAPTION], "only applies to --kind toy"),
+        (["--kind", "toy", "--caption", "a painting of a red cube on grass"], "only photo captions"),
+    ):
+        monkeypatch.setattr(sys, "argv", [*base, *argv, "--out", str(tmp_path / "bad")])
+        with pytest.raises(SystemExit) as exc:
+            entrypoint()
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

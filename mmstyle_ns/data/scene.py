@@ -1,10 +1,13 @@
 """Synthetic scenes with exact ground truth, written as nerfstudio datasets.
 
-Three kinds of scene are available (see :data:`SCENE_KINDS`):
+Four kinds of scene are available (see :data:`SCENE_KINDS`):
 
 * ``object360``: textured objects on a textured ground disc, cameras on an upper sphere cap looking inwards.
 * ``forward``: a textured back wall and objects on a floor, cameras on a small planar grid all facing ``+y``.
 * ``head``: a head whose face carries a public-domain portrait, cameras orbiting at head height.
+* ``toy``: the toy teacher's world in 3-D, described by a caption such as ``"two shiny blue cylinders on grass"``
+  (grammar in :mod:`mmstyle_ns.teacher.vocab`): one to three plain-coloured spheres, cubes or cylinders on a
+  ground disc, cameras orbiting like the teacher world's camera. Only photo captions (no style prefix) apply.
 
 All content lies inside roughly ``[-1, 1]^3`` with world up ``+z``. Everything is deterministic for a given
 set of arguments. :func:`generate_scene` writes ``transforms.json`` (nerfstudio ``nerfstudio-data`` format,
@@ -27,16 +30,31 @@ from PIL import Image
 
 from mmstyle_ns.data import cameras as cam
 from mmstyle_ns.data import raytrace as rt
-from mmstyle_ns.data.textures import PORTRAIT_NAMES, load_portrait
+from mmstyle_ns.data.textures import PORTRAIT_NAMES, load_portrait, load_texture
+from mmstyle_ns.teacher import vocab
 
 GENERATOR_VERSION = "1.0"
 """Bumped whenever the rendered content of a scene changes."""
 
-SCENE_KINDS = ("object360", "forward", "head")
+SCENE_KINDS = ("object360", "forward", "head", "toy")
 """Supported scene kinds."""
 
 DEPTH_UNIT = 1e-3
 """Scene units per depth PNG count (depth PNGs hold millimetres)."""
+
+_TOY_GROUND_Z = -0.25
+"""Height of the toy scene's ground disc (objects up to ~0.6 tall stay centred on ``z = 0``)."""
+
+_TOY_GROUND_TEXTURES: dict[str, tuple[str | None, tuple[float, float]]] = {
+    "wood": ("brick", (1.0, 3.0)),
+    "grass": ("grass", (3.0, 3.0)),
+    "stone": ("gravel", (2.0, 2.0)),
+    "plain": (None, (1.0, 1.0)),
+}
+"""Grey texture and its repetitions standing in for each toy ground (tinted to the teacher's ground colour)."""
+
+_TOY_SCALE = {1: 1.0, 2: 0.85, 3: 0.72}
+"""Object size factor per object count, so that two or three objects fit on the disc."""
 
 _PORTRAIT_BASE = {"grace_hopper": (0.62, 0.6, 0.64), "astronaut": (0.42, 0.3, 0.2)}
 _SKIN = (0.86, 0.68, 0.58)
@@ -228,13 +246,121 @@ def _head(seed: int, portrait: str) -> SceneSetup:
     return SceneSetup("head", seed, scene, np.array([0.0, 0.0, 0.25]), 2.5, 32.0, b.objects, {"portrait": portrait})
 
 
-def build_scene(kind: str = "object360", seed: int = 0, portrait: str = "grace_hopper") -> SceneSetup:
+def toy_spec(text: str | None) -> vocab.SceneSpec:
+    """Reads the caption of a ``toy`` scene.
+
+    Args:
+        text: A toy-world photo caption, e.g. ``"a red cube on a wooden floor"``.
+
+    Returns:
+        The scene it describes.
+
+    Raises:
+        ValueError: The caption is missing, does not follow the toy world's grammar or asks for a painting or
+            cartoon (only photos can be built as 3-D scenes).
+    """
+    example = "e.g. 'a red cube on a wooden floor' or 'two shiny blue cylinders on grass'"
+    if text is None or not text.strip():
+        raise ValueError(f"the toy scene kind needs a caption, {example}")
+    try:
+        spec = vocab.parse_caption(text)
+    except ValueError as err:
+        raise ValueError(f"unreadable toy caption: {err}; {example}") from None
+    if spec.style != "photo":
+        raise ValueError(
+            f"only photo captions are supported for scenes, but {text.strip()!r} asks for a {spec.style}; "
+            f"drop the prefix {vocab.STYLE_PREFIXES[spec.style].strip()!r}"
+        )
+    return spec
+
+
+def _toy_shape(
+    shape: str, x: float, y: float, floor: float, scale: float, rng: np.random.Generator
+) -> tuple[Callable[[int], rt.Primitive], float]:
+    """A toy object standing on ``floor`` at ``(x, y)``: its constructor (given a material) and footprint radius."""
+    if shape == "sphere":
+        r = scale * float(rng.uniform(0.25, 0.31))
+        return (lambda m: rt.sphere((x, y, floor + r), r, m)), r
+    if shape == "cube":
+        h = scale * float(rng.uniform(0.2, 0.24))
+        return (lambda m: rt.Box((x - h, y - h, floor), (x + h, y + h, floor + 2.0 * h), m)), h * float(np.sqrt(2.0))
+    r = scale * float(rng.uniform(0.16, 0.2))
+    top = floor + scale * float(rng.uniform(0.5, 0.6))
+    return (lambda m: rt.Cylinder((x, y), floor, top, r, m)), r
+
+
+def _toy_layout(
+    spec: vocab.SceneSpec, rng: np.random.Generator, floor: float
+) -> list[tuple[Callable[[int], rt.Primitive], float]]:
+    """Draws ``spec.count`` non-overlapping objects (constructors and footprint radii) near the disc centre."""
+    scale = _TOY_SCALE[spec.count]
+    for _ in range(200):
+        if spec.count == 1:
+            angles = rng.uniform(0.0, 2.0 * np.pi, 1)
+            dists = rng.uniform(0.0, 0.12, 1)
+        else:
+            spacing = 2.0 * np.pi / spec.count
+            angles = rng.uniform(0.0, 2.0 * np.pi) + spacing * np.arange(spec.count)
+            angles = angles + rng.uniform(-0.25, 0.25, spec.count)
+            dists = rng.uniform(0.3, 0.42, spec.count)
+        xy = np.stack([dists * np.cos(angles), dists * np.sin(angles)], axis=1)
+        made = [_toy_shape(spec.shape, float(px), float(py), floor, scale, rng) for px, py in xy]
+        gaps = [
+            float(np.linalg.norm(xy[i] - xy[j])) - made[i][1] - made[j][1]
+            for i in range(len(made))
+            for j in range(i + 1, len(made))
+        ]
+        if min(gaps, default=1.0) > 0.05:
+            return made
+    raise RuntimeError(f"could not place {spec.count} {spec.shape}s without overlap")  # pragma: no cover
+
+
+def _toy(seed: int, text: str | None) -> SceneSetup:
+    spec = toy_spec(text)
+    # The teacher world's colour tables (imported here: the module pulls in the style filters and scipy).
+    from mmstyle_ns.teacher.data import GROUND_RGB, OBJECT_RGB
+
+    rng = np.random.default_rng([seed, 42])
+    b = _Builder()
+    floor = _TOY_GROUND_Z
+    texture, repeat = _TOY_GROUND_TEXTURES[spec.ground]
+    if texture is None:
+        ground = rt.Material(color=GROUND_RGB[spec.ground])
+    else:
+        # Tinted so that the textured ground's mean albedo is the teacher's ground colour.
+        mean = np.asarray(load_texture(texture), dtype=np.float64).mean(axis=(0, 1))
+        red, green, blue = (round(float(c / m), 4) for c, m in zip(GROUND_RGB[spec.ground], mean, strict=True))
+        ground = rt.Material(texture=texture, tint=(red, green, blue), repeat=repeat)
+    b.add("ground_disc", lambda m: rt.Disc((0.0, 0.0, floor), 1.0, m), ground)
+    shiny = spec.material == "shiny"
+    look = rt.Material(color=OBJECT_RGB[spec.colour], specular=0.6 if shiny else 0.0, shininess=40.0)
+    for i, (make, _) in enumerate(_toy_layout(spec, rng, floor)):
+        b.add(f"{spec.colour}_{spec.shape}_{i + 1}", make, look)
+        b.objects[-1]["color"] = list(look.color)
+    # Soft lighting like the teacher world's (ambient 0.45, diffuse 0.55), from a seeded direction.
+    sun = _light(rng, elevation_deg=float(rng.uniform(45.0, 65.0)))
+    scene = rt.Scene(
+        tuple(b.primitives),
+        tuple(b.materials),
+        light=rt.Light(direction=sun.direction, intensity=0.55, ambient=0.45),
+        background=(1.0, 1.0, 1.0),
+    )
+    lo = np.min([p.bounds()[0] for p in b.primitives[1:]], axis=0)
+    hi = np.max([p.bounds()[1] for p in b.primitives[1:]], axis=0)
+    return SceneSetup("toy", seed, scene, (lo + hi) / 2, 3.2, 36.0, b.objects, {"caption": vocab.caption(spec)})
+
+
+def build_scene(
+    kind: str = "object360", seed: int = 0, portrait: str = "grace_hopper", caption: str | None = None
+) -> SceneSetup:
     """Builds a scene and its camera rig parameters.
 
     Args:
         kind: One of :data:`SCENE_KINDS`.
         seed: Non-negative seed for the layout, colours, light and camera jitter.
         portrait: Portrait shown on the ``head`` kind (one of ``textures.PORTRAIT_NAMES``).
+        caption: Toy-world photo caption of the ``toy`` kind (required there, e.g. ``"a red cube on grass"``);
+            must be None for the other kinds.
 
     Returns:
         The scene setup.
@@ -243,10 +369,14 @@ def build_scene(kind: str = "object360", seed: int = 0, portrait: str = "grace_h
         raise ValueError(f"unknown scene kind {kind!r}; expected one of {', '.join(SCENE_KINDS)}")
     if seed < 0:
         raise ValueError(f"seed must be non-negative, got {seed}")
+    if caption is not None and kind != "toy":
+        raise ValueError(f"a caption only applies to the toy scene kind, not to {kind!r}")
     if kind == "object360":
         return _object360(seed)
     if kind == "forward":
         return _forward(seed)
+    if kind == "toy":
+        return _toy(seed, caption)
     return _head(seed, portrait)
 
 
@@ -255,6 +385,9 @@ def make_cameras(setup: SceneSetup, num_views: int) -> np.ndarray:
     rng = np.random.default_rng([setup.seed, 99, num_views])
     if setup.kind == "object360":
         poses, _, _ = cam.orbit_poses(num_views, setup.camera_radius, setup.center, (15.0, 60.0), rng)
+    elif setup.kind == "toy":
+        # The toy teacher world's camera: 15-50 degrees above the objects, all the way round.
+        poses, _, _ = cam.orbit_poses(num_views, setup.camera_radius, setup.center, (15.0, 50.0), rng)
     elif setup.kind == "head":
         poses, _, _ = cam.orbit_poses(
             num_views, setup.camera_radius, setup.center, (0.0, 10.0), rng, stratify_elevation=False
@@ -352,6 +485,7 @@ def generate_scene(
     supersample: int = 2,
     specular: bool = True,
     portrait: str = "grace_hopper",
+    caption: str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Path:
     """Renders a scene and writes it as a nerfstudio dataset.
@@ -370,6 +504,8 @@ def generate_scene(
         supersample: Colour samples per pixel along each axis.
         specular: Render specular highlights.
         portrait: Portrait of the ``head`` kind.
+        caption: Toy-world photo caption of the ``toy`` kind (required there, None for the other kinds), e.g.
+            ``"a red cube on a wooden floor"``; recorded in ``scene.json``.
         log: Optional callback for progress messages.
 
     Returns:
@@ -377,7 +513,7 @@ def generate_scene(
     """
     _validate(kind, num_views, resolution, eval_every, supersample, seed)
     out_dir = Path(out_dir)
-    setup = build_scene(kind, seed, portrait)
+    setup = build_scene(kind, seed, portrait, caption)
     _prepare_dir(out_dir)
     poses = make_cameras(setup, num_views)
     k = cam.intrinsics_from_fov(resolution, resolution, setup.fov_deg)
@@ -419,17 +555,21 @@ def generate_scene(
         "test_filenames": [frames[i]["file_path"] for i in held_out],
     }
     (out_dir / "transforms.json").write_text(json.dumps(transforms, indent=2) + "\n")
-    meta = {
-        "generator": "mmstyle_ns.data.scene",
-        "generator_version": GENERATOR_VERSION,
-        "kind": kind,
+    meta: dict[str, Any] = {"generator": "mmstyle_ns.data.scene", "generator_version": GENERATOR_VERSION, "kind": kind}
+    options: dict[str, Any] = {}
+    if kind == "head":
+        options = {"portrait": portrait}
+    elif kind == "toy":
+        options = {"caption": setup.options["caption"]}
+        meta["caption"] = setup.options["caption"]
+    meta |= {
         "seed": seed,
         "resolution": resolution,
         "num_views": num_views,
         "eval_every": eval_every,
         "supersample": supersample,
         "specular": specular,
-        "options": {"portrait": portrait} if kind == "head" else {},
+        "options": options,
         "background": list(setup.scene.background),
         "aabb": [[round(float(x), 6) for x in row] for row in setup.aabb()],
         "center": [float(x) for x in setup.center],
@@ -460,4 +600,7 @@ def load_scene(data_dir: str | Path) -> SceneSetup:
             f"{data_dir} was written by scene generator version {meta.get('generator_version')!r}; "
             f"this is version {GENERATOR_VERSION}; regenerate the dataset"
         )
-    return build_scene(meta["kind"], int(meta["seed"]), meta.get("options", {}).get("portrait", "grace_hopper"))
+    options = meta.get("options", {})
+    return build_scene(
+        meta["kind"], int(meta["seed"]), options.get("portrait", "grace_hopper"), caption=options.get("caption")
+    )

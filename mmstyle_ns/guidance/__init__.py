@@ -4,6 +4,17 @@ See ``DESIGN.md`` in this folder. Importing this package does not import diffuse
 """
 
 from mmstyle_ns.guidance.backbone import DiffusionBackbone, DiffusionBackboneConfig, GuidanceModelError
+from mmstyle_ns.guidance.rules import (
+    DDSConfig,
+    DDSRule,
+    LDConfig,
+    LDRule,
+    ScoreInputs,
+    ScoreRule,
+    ScoreRuleConfig,
+    SDSConfig,
+    SDSRule,
+)
 from mmstyle_ns.guidance.scores import (
     ScoreOutput,
     combine_mirror_gradients,
@@ -20,10 +31,19 @@ from mmstyle_ns.guidance.scores import (
 )
 
 __all__ = [
+    "DDSConfig",
+    "DDSRule",
     "DiffusionBackbone",
     "DiffusionBackboneConfig",
     "GuidanceModelError",
+    "LDConfig",
+    "LDRule",
+    "SDSConfig",
+    "SDSRule",
+    "ScoreInputs",
     "ScoreOutput",
+    "ScoreRule",
+    "ScoreRuleConfig",
     "combine_mirror_gradients",
     "dds",
     "flip_horizontal",

@@ -5,7 +5,11 @@ diffusers folder layout (a local directory or a hub id already in the local cach
 ControlNet, freezes them and offers the few operations score distillation needs: encode images to latents,
 decode latents, embed prompts (cached), add noise, sample (annealed) timesteps and predict noise with
 classifier-free guidance in one batched UNet call. The score rules themselves live in
-:mod:`mmstyle_ns.guidance.scores`.
+:mod:`mmstyle_ns.guidance.scores` (pure functions) and :mod:`mmstyle_ns.guidance.rules` (their typed configs).
+
+Noise prediction for score distillation runs without an autograd graph; :meth:`DiffusionBackbone.unet_with_residuals`
+is the one path that differentiates through the frozen UNet, for trainable adapters that add residuals to its
+skip connections and mid block (the frozen weights still never receive gradients).
 
 Nothing heavy happens at import: diffusers and transformers are imported when a backbone is built.
 """
@@ -127,6 +131,7 @@ class DiffusionBackbone:
         self.device = torch.device(config.device if config.device is not None else device)
         self.dtype = _DTYPES[config.dtype]
         self._text_cache: dict[str, Tensor] = {}
+        self._residual_shapes: dict[tuple[int, int], tuple[list[tuple[int, ...]], tuple[int, ...]]] = {}
         self._load()
         self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
         self.alphas_cumprod: Float[Tensor, " T"] = self.scheduler.alphas_cumprod.to(self.device, torch.float32)
@@ -303,19 +308,33 @@ class DiffusionBackbone:
         self._text_cache.clear()
 
     # ------------------------------------------------------------------ noise schedule
-    def timestep_range(self, step: int | None = None, max_steps: int | None = None) -> tuple[int, int]:
+    def timestep_range(
+        self,
+        step: int | None = None,
+        max_steps: int | None = None,
+        min_step_ratio: float | None = None,
+        max_step_ratio: float | None = None,
+    ) -> tuple[int, int]:
         """Inclusive ``(lowest, highest)`` timestep sampled at training ``step`` of ``max_steps``.
 
-        With ``anneal='linear'`` the highest ratio moves linearly from ``max_step_ratio`` (step 0) to
-        ``anneal_final_max_step_ratio`` (step ``max_steps``); without a step it is not annealed.
+        ``min_step_ratio``/``max_step_ratio`` override the config's range (a score rule's own range, e.g. DDS's
+        ``[0.05, 0.95]``). With ``anneal='linear'`` the highest ratio moves linearly from the (given or configured)
+        ``max_step_ratio`` at step 0 to ``anneal_final_max_step_ratio`` at step ``max_steps``, never below the
+        lowest; without a step it is not annealed.
+
+        Raises:
+            ValueError: the ratios do not satisfy ``0 <= min_step_ratio < max_step_ratio <= 1``.
         """
         config = self.config
-        high_ratio = config.max_step_ratio
+        low_ratio = config.min_step_ratio if min_step_ratio is None else min_step_ratio
+        high_ratio = config.max_step_ratio if max_step_ratio is None else max_step_ratio
+        if not 0.0 <= low_ratio < high_ratio <= 1.0:
+            raise ValueError(f"Need 0 <= min_step_ratio < max_step_ratio <= 1, got {low_ratio}, {high_ratio}")
         if config.anneal == "linear" and step is not None and max_steps:
             progress = min(max(step / max_steps, 0.0), 1.0)
-            high_ratio += (config.anneal_final_max_step_ratio - config.max_step_ratio) * progress
+            high_ratio += (config.anneal_final_max_step_ratio - high_ratio) * progress
         last = self.num_train_timesteps - 1
-        low = int(round(config.min_step_ratio * last))
+        low = int(round(low_ratio * last))
         high = max(int(round(high_ratio * last)), low)
         return low, high
 
@@ -325,9 +344,12 @@ class DiffusionBackbone:
         step: int | None = None,
         max_steps: int | None = None,
         generator: torch.Generator | None = None,
+        min_step_ratio: float | None = None,
+        max_step_ratio: float | None = None,
     ) -> Int[Tensor, " B"]:
-        """Uniform integer timesteps in :meth:`timestep_range` (annealed by ``step``/``max_steps``)."""
-        low, high = self.timestep_range(step, max_steps)
+        """Uniform integer timesteps in :meth:`timestep_range` (annealed by ``step``/``max_steps``, range optionally
+        overridden by ``min_step_ratio``/``max_step_ratio``)."""
+        low, high = self.timestep_range(step, max_steps, min_step_ratio, max_step_ratio)
         gen_device = generator.device if generator is not None else self.device
         t = torch.randint(low, high + 1, (batch,), generator=generator, device=gen_device)
         return t.to(self.device)
@@ -373,6 +395,50 @@ class DiffusionBackbone:
             cond = F.interpolate(cond, size=size, mode="bilinear", align_corners=False, antialias=True)
         return _broadcast_batch(cond, n, "controlnet_cond")
 
+    def _controlnet_residuals(
+        self, x: Tensor, t: Tensor, emb: Tensor, control: Tensor
+    ) -> tuple[tuple[Tensor, ...], Tensor]:
+        if self.controlnet is None:
+            raise GuidanceModelError(
+                f"controlnet_cond was given but no ControlNet is loaded; set {self.config.flag('controlnet_path')}"
+            )
+        down, mid = self.controlnet(
+            x,
+            t,
+            encoder_hidden_states=emb,
+            controlnet_cond=control,
+            conditioning_scale=self.config.controlnet_scale,
+            return_dict=False,
+        )
+        return tuple(down), mid
+
+    def _unet_epsilon(
+        self,
+        x: Tensor,
+        t: Tensor,
+        emb: Tensor,
+        control: Tensor | None = None,
+        down: Sequence[Tensor] | None = None,
+        mid: Tensor | None = None,
+    ) -> Tensor:
+        """One UNet call on assembled backbone-device batches; ControlNet residuals are added to ``down``/``mid``.
+
+        ``down`` and ``mid`` come together or not at all (diffusers reads ``down`` alone as T2I-Adapter input).
+        Returns the noise prediction on the backbone's device; differentiable unless the caller disables grad.
+        """
+        if control is not None:
+            control_down, control_mid = self._controlnet_residuals(x, t, emb, control)
+            if down is None or mid is None:
+                down, mid = control_down, control_mid
+            else:
+                down = [a + b for a, b in zip(control_down, down, strict=True)]
+                mid = control_mid + mid
+        extra: dict[str, Any] = {}
+        if down is not None and mid is not None:
+            extra = {"down_block_additional_residuals": tuple(down), "mid_block_additional_residual": mid}
+        out = self.unet(x, t, encoder_hidden_states=emb, return_dict=False, **extra)[0]
+        return self.epsilon_from_model_output(out, x, t)
+
     @torch.no_grad()
     def noise_predictions(
         self,
@@ -397,24 +463,11 @@ class DiffusionBackbone:
         uncond_emb = _broadcast_batch(uncond_emb.to(self.device, self.dtype), n, "uncond_emb")
         x = latents_noisy.to(self.device, self.dtype)
         x2, t2, emb2 = torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond_emb, cond_emb])
-        extra: dict[str, Any] = {}
+        control = None
         if controlnet_cond is not None:
-            if self.controlnet is None:
-                raise GuidanceModelError(
-                    f"controlnet_cond was given but no ControlNet is loaded; set {self.config.flag('controlnet_path')}"
-                )
             control = self._prepare_control(controlnet_cond, n, (x.shape[-2], x.shape[-1]))
-            down, mid = self.controlnet(
-                x2,
-                t2,
-                encoder_hidden_states=emb2,
-                controlnet_cond=torch.cat([control, control]),
-                conditioning_scale=self.config.controlnet_scale,
-                return_dict=False,
-            )
-            extra = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
-        out = self.unet(x2, t2, encoder_hidden_states=emb2, return_dict=False, **extra)[0]
-        eps = self.epsilon_from_model_output(out, x2, t2).to(latents_noisy.device, latents_noisy.dtype)
+            control = torch.cat([control, control])
+        eps = self._unet_epsilon(x2, t2, emb2, control).to(latents_noisy.device, latents_noisy.dtype)
         eps_uncond, eps_cond = eps.chunk(2)
         return eps_uncond, eps_cond
 
@@ -435,6 +488,134 @@ class DiffusionBackbone:
         scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
         eps_uncond, eps_cond = self.noise_predictions(latents_noisy, t, text_emb, uncond_emb, controlnet_cond)
         return eps_uncond + scale * (eps_cond - eps_uncond)
+
+    # ------------------------------------------------------------------ differentiable UNet path (adapters)
+    @torch.no_grad()
+    def unet_residual_shapes(self, height: int, width: int) -> tuple[list[tuple[int, ...]], tuple[int, ...]]:
+        """Per-sample shapes ``(C, h, w)`` of the residuals :meth:`unet_with_residuals` accepts for ``h x w`` latents.
+
+        Returns ``(down, mid)``: one shape per UNet skip connection (the ``conv_in`` output, then every resnet and
+        downsampler output of the down blocks, in order; the decoder consumes them in reverse) and the shape of the
+        mid-block output. Read from one no-grad UNet call on zeros with forward hooks, cached per latent size.
+        """
+        key = (int(height), int(width))
+        if key not in self._residual_shapes:
+            down: list[tuple[int, ...]] = []
+            mid: list[tuple[int, ...]] = []
+
+            def per_sample(x: Tensor) -> tuple[int, ...]:
+                return tuple(int(d) for d in x.shape[1:])
+
+            def record_down_block(_module: Any, _args: Any, out: Any) -> None:
+                hidden, res_samples = out  # the last hidden state feeds the mid block
+                down.extend(per_sample(r) for r in res_samples)
+                mid.append(per_sample(hidden))
+
+            unet = self.unet
+            hooks = [unet.conv_in.register_forward_hook(lambda _m, _a, out: down.append(per_sample(out)))]
+            hooks += [block.register_forward_hook(record_down_block) for block in unet.down_blocks]
+            if unet.mid_block is not None:
+                hooks.append(unet.mid_block.register_forward_hook(lambda _m, _a, out: mid.append(per_sample(out))))
+            try:
+                x = torch.zeros(1, self.latent_channels, *key, device=self.device, dtype=self.dtype)
+                emb = torch.zeros(1, 1, int(unet.config.cross_attention_dim), device=self.device, dtype=self.dtype)
+                unet(x, torch.zeros(1, dtype=torch.long, device=self.device), encoder_hidden_states=emb)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            self._residual_shapes[key] = (down, mid[-1])
+        down_shapes, mid_shape = self._residual_shapes[key]
+        return list(down_shapes), mid_shape
+
+    def _prepare_residuals(
+        self,
+        down: Sequence[Tensor] | None,
+        mid: Tensor | None,
+        n: int,
+        latent_hw: tuple[int, int],
+    ) -> tuple[list[Tensor] | None, Tensor | None]:
+        if down is None and mid is None:
+            return None, None
+        down_shapes, mid_shape = self.unet_residual_shapes(*latent_hw)
+        zero = torch.zeros((), device=self.device, dtype=self.dtype)  # broadcasts: adds nothing
+        if down is None:
+            prepared_down = [zero] * len(down_shapes)
+        else:
+            if len(down) != len(down_shapes):
+                raise ValueError(
+                    f"down_block_additional_residuals has {len(down)} tensors; this UNet has {len(down_shapes)} skip "
+                    f"connections (shapes from unet_residual_shapes: {down_shapes})"
+                )
+            prepared_down = []
+            for i, (residual, shape) in enumerate(zip(down, down_shapes, strict=True)):
+                name = f"down_block_additional_residuals[{i}]"
+                if residual.ndim != 4 or tuple(residual.shape[1:]) != shape:
+                    raise ValueError(f"{name} has shape {tuple(residual.shape)}, expected [N, *{shape}]")
+                prepared_down.append(_broadcast_batch(residual.to(self.device, self.dtype), n, name))
+        if mid is None:
+            prepared_mid = zero
+        else:
+            if mid.ndim != 4 or tuple(mid.shape[1:]) != mid_shape:
+                raise ValueError(
+                    f"mid_block_additional_residual has shape {tuple(mid.shape)}, expected [N, *{mid_shape}]"
+                )
+            prepared_mid = _broadcast_batch(mid.to(self.device, self.dtype), n, "mid_block_additional_residual")
+        return prepared_down, prepared_mid
+
+    def unet_with_residuals(
+        self,
+        latents_noisy: Float[Tensor, "N c h w"],
+        t: Int[Tensor, " N"] | int,
+        text_emb: Float[Tensor, "N L D"],
+        down_block_additional_residuals: Sequence[Float[Tensor, "N ..."]] | None = None,
+        mid_block_additional_residual: Float[Tensor, "N ..."] | None = None,
+        *,
+        guidance_scale: float | None = None,
+        uncond_emb: Float[Tensor, "N L D"] | None = None,
+        controlnet_cond: Float[Tensor, "N 3 H W"] | None = None,
+    ) -> Float[Tensor, "N c h w"]:
+        """Noise prediction through the frozen UNet WITH autograd, with residuals added to its decoder inputs.
+
+        ``down_block_additional_residuals`` (one tensor per skip connection) and ``mid_block_additional_residual``
+        are added to the UNet's skip connections and mid-block output, as a ControlNet's are; shapes are given by
+        :meth:`unet_residual_shapes`. Either may be omitted (zeros). Gradients reach ``latents_noisy``,
+        ``text_emb`` and the residuals (e.g. trainable adapters); the frozen weights have ``requires_grad=False``
+        and never receive any. Runs under the caller's grad mode.
+
+        ``guidance_scale`` None: the conditional prediction alone (one UNet pass over ``N``, e.g. a denoising loss
+        for adapters). A number: classifier-free guidance ``eps_u + s (eps_c - eps_u)`` from one batched call of
+        ``2N``, the residuals (and ControlNet condition) added to both halves; ``uncond_emb`` defaults to the empty
+        prompt. ``text_emb``, ``uncond_emb``, residuals and ``controlnet_cond`` may have batch 1; ControlNet
+        residuals, if a condition is given, are summed with the given ones. Returned in ``latents_noisy``'s device
+        and dtype (differentiably, so gradients cross devices).
+
+        Raises:
+            ValueError: a residual's count or per-sample shape does not match the UNet, or a batch mismatches.
+            GuidanceModelError: ``controlnet_cond`` without a loaded ControlNet.
+        """
+        if latents_noisy.ndim != 4:
+            raise ValueError(f"Expected latents_noisy [N, c, h, w], got {tuple(latents_noisy.shape)}")
+        n = latents_noisy.shape[0]
+        hw = (latents_noisy.shape[-2], latents_noisy.shape[-1])
+        x = latents_noisy.to(self.device, self.dtype)
+        steps = _broadcast_batch(torch.as_tensor(t, device=self.device).long().reshape(-1), n, "t")
+        emb = _broadcast_batch(text_emb.to(self.device, self.dtype), n, "text_emb")
+        down, mid = self._prepare_residuals(down_block_additional_residuals, mid_block_additional_residual, n, hw)
+        control = None if controlnet_cond is None else self._prepare_control(controlnet_cond, n, hw)
+        if guidance_scale is not None:
+            uncond = self.text_embeddings("") if uncond_emb is None else uncond_emb
+            uncond = _broadcast_batch(uncond.to(self.device, self.dtype), n, "uncond_emb")
+            x, steps, emb = torch.cat([x, x]), torch.cat([steps, steps]), torch.cat([uncond, emb])
+            if down is not None and mid is not None:
+                down = [r if r.ndim == 0 else torch.cat([r, r]) for r in down]
+                mid = mid if mid.ndim == 0 else torch.cat([mid, mid])
+            if control is not None:
+                control = torch.cat([control, control])
+        eps = self._unet_epsilon(x, steps, emb, control, down, mid).to(latents_noisy.device, latents_noisy.dtype)
+        if guidance_scale is None:
+            return eps
+        eps_uncond, eps_cond = eps.chunk(2)
+        return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
 
 def _broadcast_batch(x: Tensor, n: int, name: str) -> Tensor:

@@ -6,7 +6,11 @@ Renders a turntable fitted to the training cameras and, for every style, measure
   default), the warp given by the rendered depth and the known cameras — for the stylized renders and for a
   per-view 2D stylization of the same (unstylized) views, the baseline MM-NeRF improves on;
 * style match: cosine similarity of the Magenta style vector of the renders to the style's own, against that
-  of the unstylized renders.
+  of the unstylized renders;
+* with a CLIP (the run's own when it embeds styles with CLIP, or ``--clip-model``/``--clip-checkpoint``): the same
+  style match in CLIP space, the image-text similarity of the renders to each text style's prompt, and how well
+  text styles and the images made from them agree in CLIP space
+  (:func:`~mmstyle_ns.metrics.clip_space.modality_agreement`).
 
 Writes ``metrics.json`` and ``contact_sheet.png`` (rows: styles, columns: views) into the output folder.
 """
@@ -17,6 +21,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,6 +48,11 @@ class MMEvalArgs:
     """Views shown per style in the contact sheet."""
     baseline: bool = True
     """Also stylize every frame independently in 2D (the per-view baseline); the slow part of the evaluation."""
+    clip_model: str | None = None
+    """open_clip model name for the CLIP-space figures (e.g. toy-clip, ViT-B-32); default: the run's own CLIP when
+    it embeds styles with CLIP, else no CLIP figures."""
+    clip_checkpoint: str | None = None
+    """CLIP weights for the CLIP-space figures (a file, a folder such as examples/toy-clip, or a cached tag)."""
 
 
 def turntable_cameras(config_path: Path, num_frames: int):  # noqa: ANN201 - nerfstudio Cameras
@@ -107,6 +117,9 @@ def main(args: MMEvalArgs) -> dict:
     prepared = {p.source.name: p for p in pipeline.prepared}
     report: dict = {"config": str(args.load_config), "frames": args.num_frames, "styles": {}}
     report["original"] = consistency(np.stack(frames[ORIGINAL]))
+    clip = _clip_for(args, pipeline)
+    if clip is not None:
+        report["clip"] = {"model": clip.name}
     baseline_frames: dict[str, np.ndarray] = {}
     for name in model.style_names:
         vector = magenta.style_vector(prepared[name].image)
@@ -120,7 +133,19 @@ def main(args: MMEvalArgs) -> dict:
             entry["per_view_2d"] = consistency(per_view)
         match = style_match_report(ours[:: max(1, len(ours) // 6)], np.stack(frames[ORIGINAL])[::6], vector, magenta)
         entry["style_match"] = {"stylized": match["stylized"], "unstylized": match["unstylized"], "gain": match["gain"]}
+        if clip is not None:
+            entry.update(_clip_figures(clip, ours, np.stack(frames[ORIGINAL]), prepared[name]))
         report["styles"][name] = entry
+    if clip is not None:
+        with_prompts = [p for p in prepared.values() if p.prompt]
+        if len(with_prompts) >= 2:
+            from mmstyle_ns.metrics.clip_space import modality_agreement
+
+            texts = clip.encode_texts([str(p.prompt) for p in with_prompts])
+            images = clip.encode_images(np.stack([_square(p.image) for p in with_prompts]))
+            report["clip"]["modality_agreement"] = modality_agreement(texts, images).as_dict() | {
+                "styles": [p.source.name for p in with_prompts]
+            }
 
     args.output_dir.mkdir(parents=True, exist_ok=True)
     columns = np.linspace(0, args.num_frames - 1, args.sheet_columns).round().astype(int)
@@ -139,6 +164,8 @@ def main(args: MMEvalArgs) -> dict:
         table.add_column(f"ours gap {gap}")
         table.add_column(f"2D gap {gap}")
     table.add_column("style sim (ours / unstylized)")
+    if clip is not None:
+        table.add_column(f"CLIP style sim ({clip.name})")
     for name, entry in report["styles"].items():
         cells = []
         for gap in args.gaps:
@@ -146,10 +173,64 @@ def main(args: MMEvalArgs) -> dict:
             base = entry.get("per_view_2d", {}).get(f"rmse_gap{gap}", float("nan"))
             cells.append(f"{base:.4f}")
         sm = entry["style_match"]
-        table.add_row(name, *cells, f"{sm['stylized']:.3f} / {sm['unstylized']:.3f}")
+        cells.append(f"{sm['stylized']:.3f} / {sm['unstylized']:.3f}")
+        if clip is not None:
+            cm = entry["clip_style_match"]
+            cells.append(f"{cm['stylized']:.3f} / {cm['unstylized']:.3f}")
+        table.add_row(name, *cells)
     CONSOLE.print(table)
+    agreement = report.get("clip", {}).get("modality_agreement")
+    if agreement is not None:
+        CONSOLE.print(
+            f"CLIP text/image agreement of the text styles: matched {agreement['matched']:.3f}, unrelated "
+            f"{agreement['unrelated']:.3f}, retrieval {agreement['retrieval']:.0%}"
+        )
     CONSOLE.print(f"wrote {args.output_dir / 'metrics.json'} and {args.output_dir / 'contact_sheet.png'}")
     return report
+
+
+def _clip_for(args: MMEvalArgs, pipeline: Any) -> Any:
+    """The CLIP of the CLIP-space figures (``--clip-*``, else the run's own when it embeds with CLIP), or None."""
+    from mmstyle_ns.clip.loader import ClipFlags, load_clip
+
+    if args.clip_checkpoint is not None:
+        name = args.clip_model if args.clip_model is not None else "ViT-B-32"
+        return load_clip(name, args.clip_checkpoint, pipeline.device, ClipFlags())
+    if args.clip_model is not None:
+        raise ValueError("--clip-model needs --clip-checkpoint (the weights)")
+    if pipeline.extractor.config.embedding == "clip":
+        return pipeline.extractor.clip()
+    return None
+
+
+def _square(image: np.ndarray) -> np.ndarray:
+    """A style image cropped to its central square (what CLIP's preprocessing sees)."""
+    h, w = image.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    return image[top : top + side, left : left + side]
+
+
+def _clip_figures(clip: Any, ours: np.ndarray, original: np.ndarray, prepared: Any) -> dict[str, Any]:
+    """CLIP style match of a style's renders (and image-text similarity to its prompt, for text/audio styles)."""
+    import torch
+
+    from mmstyle_ns.metrics import style_match_report
+    from mmstyle_ns.metrics.clip_space import image_text_similarity
+
+    step = max(1, len(ours) // 6)
+    match = style_match_report(ours[::step], original[::step], clip.style_vector(prepared.image), clip)
+    figures: dict[str, Any] = {
+        "clip_style_match": {"stylized": match["stylized"], "unstylized": match["unstylized"], "gain": match["gain"]}
+    }
+    if prepared.prompt:
+        text = clip.encode_texts([prepared.prompt])[0]
+        figures["clip_text_similarity"] = {
+            "prompt": prepared.prompt,
+            "stylized": float(torch.mean(image_text_similarity(clip.encode_images(ours[::step]), text))),
+            "unstylized": float(torch.mean(image_text_similarity(clip.encode_images(original[::step]), text))),
+        }
+    return figures
 
 
 def entrypoint() -> None:

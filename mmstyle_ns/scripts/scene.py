@@ -1,8 +1,9 @@
 """Command-line generator of synthetic nerfstudio datasets with exact ground truth.
 
-Example::
+Examples::
 
     mmstyle-scene --kind object360 --out data/object360 --num-views 100 --resolution 128 --seed 0
+    mmstyle-scene --kind toy --caption "a red cube on a wooden floor" --out data/toy
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ class SceneCommand:
     the bounding box of the content). The same arguments always produce byte-identical files.
     """
 
-    kind: Literal["object360", "forward", "head"] = "object360"
-    """Scene: objects on a ground disc, 360 deg views (object360); wall and objects, camera grid (forward); head."""
+    kind: Literal["object360", "forward", "head", "toy"] = "object360"
+    """Scene: objects on a disc, 360 deg views (object360); wall and objects, camera grid (forward); head;
+    the toy teacher world's objects that --caption describes on a disc, 360 deg views (toy)."""
     out: Path | None = None
     """Output folder; defaults to data/<kind>. An existing dataset there is replaced."""
     num_views: int = 100
@@ -44,6 +46,11 @@ class SceneCommand:
     """Render specular highlights on glossy materials (view-dependent colour)."""
     portrait: Literal["grace_hopper", "astronaut"] = "grace_hopper"
     """Public-domain portrait shown on the face of the head kind."""
+    caption: str | None = None
+    """Toy-world photo caption of the toy kind (required there, not allowed otherwise), e.g. "a red cube on grass".
+    Grammar: (a|an|two|three) [shiny] <colour> <shape>[s] on <ground>.
+    Colours: red, orange, yellow, green, blue, purple, white, black. Shapes: sphere, cube, cylinder.
+    Grounds: "a wooden floor", grass, stone, "a plain floor". No style prefix ("a painting of ..."): photos only."""
 
 
 def main(config: SceneCommand) -> Path:
@@ -55,6 +62,10 @@ def main(config: SceneCommand) -> Path:
     Returns:
         The output folder.
     """
+    if config.kind == "toy" and not (config.caption or "").strip():
+        raise ValueError('--kind toy needs --caption, e.g. --caption "a red cube on a wooden floor"')
+    if config.kind != "toy" and config.caption is not None:
+        raise ValueError(f"--caption only applies to --kind toy, not to --kind {config.kind}")
     from mmstyle_ns.data.scene import generate_scene, split_indices
 
     out = config.out if config.out is not None else Path("data") / config.kind
@@ -69,12 +80,14 @@ def main(config: SceneCommand) -> Path:
         supersample=config.supersample,
         specular=config.specular,
         portrait=config.portrait,
+        caption=config.caption,
         log=lambda msg: print(f"  {msg}", flush=True),
     )
     elapsed = time.perf_counter() - start
     train, held_out = split_indices(config.num_views, config.eval_every)
+    shows = f" of {config.caption.strip()!r}" if config.caption is not None else ""
     print(
-        f"Wrote {config.kind} scene: {config.num_views} views at {config.resolution}x{config.resolution} "
+        f"Wrote {config.kind} scene{shows}: {config.num_views} views at {config.resolution}x{config.resolution} "
         f"({len(train)} train, {len(held_out)} val/test) in {elapsed:.1f} s to {out}"
     )
     return out

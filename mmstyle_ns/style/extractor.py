@@ -33,6 +33,7 @@ from jaxtyping import Float
 from nerfstudio.configs.base_config import InstantiateConfig
 from torch import Tensor
 
+from mmstyle_ns.clip.loader import ClipFlags, ClipLoadError, ClipModel, check_clip, clip_model_config, load_clip
 from mmstyle_ns.style.cache import StylizedViewCache
 from mmstyle_ns.style.magenta import MagentaStylizer, MissingDependencyError
 from mmstyle_ns.style.sources import StyleInputError, StyleSource, load_audio, load_style_image
@@ -77,9 +78,11 @@ class StyleExtractorConfig(InstantiateConfig):
     embedding: Literal["magenta", "clip"] = "magenta"
     """Embedding space: Magenta's 100-d style vector (offline) or CLIP's style-image embedding (clip-checkpoint)."""
     clip_model: str = "ViT-B-32"
-    """open_clip model name (architecture) used when embedding is clip."""
+    """open_clip model name (architecture) used when embedding is clip, e.g. ViT-B-32, ViT-L-14, or toy-clip (the
+    toy CLIP of the embedded world, whose config ships beside its weights)."""
     clip_checkpoint: str | None = None
-    """CLIP weights for embedding clip: an open_clip checkpoint file, or a pretrained tag in the local cache."""
+    """CLIP weights for embedding clip: an open_clip checkpoint file, a folder holding open_clip_model.safetensors
+    (e.g. examples/toy-clip), or a pretrained tag in the local cache."""
     text_to_image_model: str | None = None
     """Hub id or diffusers folder of a text-to-image pipeline rendering text and audio styles as style images."""
     text_to_image_steps: int = 30
@@ -240,7 +243,7 @@ class MultimodalStyleExtractor:
         self._stylizer = stylizer
         self._pipeline: Any = None
         self._clap: tuple[Any, Any] | None = None
-        self._clip: tuple[Any, Any] | None = None
+        self._clip: ClipModel | None = None
 
     def _flag(self, name: str) -> str:
         return self.flags.get(name, FLAG_PREFIX + name.replace("_", "-"))
@@ -339,24 +342,14 @@ class MultimodalStyleExtractor:
             ]
         return []
 
+    def _clip_flags(self) -> ClipFlags:
+        return ClipFlags(model=self._flag("clip_model"), checkpoint=self._flag("clip_checkpoint"))
+
     def _check_clip(self) -> list[str]:
-        flag = self._flag("clip_checkpoint")
-        value = self.config.clip_checkpoint
-        layout = (
-            f"an open_clip checkpoint file (state dict) for {self._flag('clip_model')} {self.config.clip_model}, "
-            "or an open_clip pretrained tag that is in the local cache"
-        )
-        if value is None:
-            return [
-                f"{self._flag('embedding')} clip needs CLIP weights, and none ship offline: pass {flag} <{layout}>, "
-                f"or use {self._flag('embedding')} magenta (embedded, offline)"
-            ]
-        path = Path(value).expanduser()
-        if path.is_dir():
-            return [f"{flag} {value!r} is a folder; pass {layout}"]
-        if not path.is_file() and _looks_like_path(value):
-            return [f"{flag} {value!r} does not exist; pass {layout}"]
-        return []
+        problems = check_clip(self.config.clip_model, self.config.clip_checkpoint, self._clip_flags())
+        if problems and self.config.clip_checkpoint is None:
+            problems = [f"{self._flag('embedding')} clip: {problems[0]}; or use {self._flag('embedding')} magenta"]
+        return problems
 
     # ------------------------------------------------------------------------------------------- models
 
@@ -423,31 +416,18 @@ class MultimodalStyleExtractor:
             self._clap = (model.to(self.config.device).eval(), processor)
         return self._clap
 
-    def clip(self) -> tuple[Any, Any]:
-        """The open_clip model and its image preprocessing (loaded on first use)."""
+    def clip(self) -> ClipModel:
+        """The CLIP (loaded on first use through the package's one loader, :func:`~mmstyle_ns.clip.load_clip`)."""
         if self._clip is None:
             problems = self._check_clip()
             if problems:
                 raise StyleInputError(problems[0])
             try:
-                import open_clip
-            except ImportError as exc:
-                raise MissingDependencyError("CLIP embeddings need open_clip: pip install open_clip_torch") from exc
-            name, value = self.config.clip_model, self.config.clip_checkpoint
-            if value is None:  # ruled out by _check_clip; narrows the type
-                raise StyleInputError(f"pass {self._flag('clip_checkpoint')}")
-            path = Path(value).expanduser()
-            try:
-                model, _, preprocess = open_clip.create_model_and_transforms(
-                    name, pretrained=str(path) if path.is_file() else value, device=self.config.device
+                self._clip = load_clip(
+                    self.config.clip_model, self.config.clip_checkpoint, self.config.device, self._clip_flags()
                 )
-            except (OSError, RuntimeError, ValueError, KeyError) as exc:
-                layout = (
-                    f"an open_clip checkpoint file for {self._flag('clip_model')} {name} (known models: see "
-                    "open_clip.list_models()), or a pretrained tag in the local cache"
-                )
-                raise self._load_error("clip_checkpoint", value, layout, exc) from exc
-            self._clip = (model.eval(), preprocess)
+            except ClipLoadError as exc:
+                raise StyleInputError(str(exc)) from exc
         return self._clip
 
     def release_generators(self) -> None:
@@ -504,25 +484,17 @@ class MultimodalStyleExtractor:
         if self.config.embedding != "clip":
             return MagentaStylizer.vector_dim
         try:
-            import open_clip
-        except ImportError as exc:
-            raise MissingDependencyError("CLIP embeddings need open_clip: pip install open_clip_torch") from exc
-        model_config = open_clip.get_model_config(self.config.clip_model)
-        if model_config is None:
-            raise StyleInputError(f"unknown {self._flag('clip_model')} {self.config.clip_model!r}")
-        return int(model_config["embed_dim"])
+            config = clip_model_config(self.config.clip_model, self.config.clip_checkpoint, self._clip_flags())
+        except ClipLoadError as exc:
+            raise StyleInputError(str(exc)) from exc
+        return int(config["embed_dim"])
 
     @torch.no_grad()
     def embed_image(self, image: Float[np.ndarray, "H W 3"]) -> Float[Tensor, " D"]:
         """L2-normalised embedding of a style image in the configured space (CPU, float32)."""
         image = as_float_image(image, "style image")
         if self.config.embedding == "clip":
-            from PIL import Image
-
-            model, preprocess = self.clip()
-            pil = Image.fromarray(np.round(image * 255.0).astype(np.uint8))
-            pixels = preprocess(pil)[None].to(self.config.device)
-            vector = model.encode_image(pixels)[0].float().cpu()
+            vector = self.clip().encode_images(image[None])[0]
         else:
             vector = torch.from_numpy(self.stylizer.style_vector(image))
         return F.normalize(vector.float(), dim=0)

@@ -57,6 +57,31 @@ _AMBIENT, _DIFFUSE = 0.45, 0.55
 
 
 @dataclass(frozen=True)
+class ViewRange:
+    """Where the orbit camera of a generated picture may be (each value drawn uniformly in its range)."""
+
+    elevation_deg: tuple[float, float] = (15.0, 50.0)
+    """Elevation above the ground plane, degrees (0 looks at the objects from the side, a frontal view)."""
+    distance: tuple[float, float] = (3.1, 3.5)
+    """Distance of the camera from the look-at point (the objects are about 0.6 across)."""
+    light_spread_deg: float = 70.0
+    """The light's azimuth lies within this many degrees of the camera's (70: lit faces are seen and shadows fall
+    away from the viewer; 180: any direction, as in a 360-degree capture under one fixed light)."""
+    light_elevation_deg: tuple[float, float] = (40.0, 70.0)
+    """Elevation of the light above the ground plane, degrees."""
+
+
+TEACHER_VIEWS = ViewRange()
+"""The teacher's training views: an orbit like the embedded ``object360`` scene's."""
+
+WIDE_VIEWS = ViewRange(
+    elevation_deg=(0.0, 65.0), distance=(2.6, 4.4), light_spread_deg=180.0, light_elevation_deg=(25.0, 75.0)
+)
+"""Frontal to high 360-degree views, near and far, lit from any side (the toy CLIP's training views): renders of
+the embedded toy scenes at any sensible camera, under their one fixed light, fall inside this range."""
+
+
+@dataclass(frozen=True)
 class ToySample:
     """One generated picture with its description."""
 
@@ -140,9 +165,11 @@ def _place_objects(spec: SceneSpec, rng: np.random.Generator) -> list[rt.Primiti
 
 
 def render_spec(
-    spec: SceneSpec, rng: np.random.Generator, resolution: int = 128
+    spec: SceneSpec, rng: np.random.Generator, resolution: int = 128, views: ViewRange = TEACHER_VIEWS
 ) -> tuple[Float[np.ndarray, "H W 3"], np.ndarray]:
     """Renders a scene described by ``spec`` (layout, camera, light and colours drawn from ``rng``).
+
+    ``views`` bounds the camera; the random stream is the same for every range (only the bounds change).
 
     Returns:
         The styled image ``[H, W, 3]`` float32 in [0, 1] and the surface id of each pixel ``[H, W]``
@@ -154,16 +181,16 @@ def render_spec(
     scene = rt.Scene(prims, (rt.Material(), rt.Material()))
 
     azimuth = float(rng.uniform(0, 2 * np.pi))
-    elevation = np.radians(rng.uniform(15.0, 50.0))
-    distance = float(rng.uniform(3.1, 3.5))
+    elevation = np.radians(rng.uniform(*views.elevation_deg))
+    distance = float(rng.uniform(*views.distance))
     eye = distance * np.array([np.cos(elevation) * np.cos(azimuth), np.cos(elevation) * np.sin(azimuth), 0.0])
     eye[2] = distance * np.sin(elevation)
     target = np.array([0.0, 0.0, 0.12])
     c2w = cam.look_at(eye + target, target)
     k = cam.intrinsics_from_fov(resolution, resolution, FOV_DEG)
     # The light comes from the camera's side (so lit faces are seen and shadows fall away from the viewer).
-    light_az = azimuth + np.radians(rng.uniform(-70.0, 70.0))
-    light_el = np.radians(rng.uniform(40.0, 70.0))
+    light_az = azimuth + np.radians(rng.uniform(-views.light_spread_deg, views.light_spread_deg))
+    light_el = np.radians(rng.uniform(*views.light_elevation_deg))
     light = np.array([np.cos(light_el) * np.cos(light_az), np.cos(light_el) * np.sin(light_az), np.sin(light_el)])
 
     o, d, _ = cam.camera_rays(c2w, k, resolution, resolution, 1)
@@ -220,7 +247,9 @@ def _ground_albedo(ground: str, uv: np.ndarray, rng: np.random.Generator) -> np.
     return np.clip(base[None] * shade[:, None], 0.0, 1.0)
 
 
-def generate_sample(seed: int, index: int, resolution: int = 128, spec: SceneSpec | None = None) -> ToySample:
+def generate_sample(
+    seed: int, index: int, resolution: int = 128, spec: SceneSpec | None = None, views: ViewRange = TEACHER_VIEWS
+) -> ToySample:
     """Sample ``index`` of the data set with ``seed`` (deterministic; independent of every other sample).
 
     Args:
@@ -228,6 +257,7 @@ def generate_sample(seed: int, index: int, resolution: int = 128, spec: SceneSpe
         index: sample number (non-negative).
         resolution: width and height in pixels.
         spec: force the scene description (the layout, camera and colours still come from ``(seed, index)``).
+        views: the range the camera is drawn from.
     """
     if seed < 0 or index < 0:
         raise ValueError(f"seed and index must be non-negative, got {seed}, {index}")
@@ -236,7 +266,7 @@ def generate_sample(seed: int, index: int, resolution: int = 128, spec: SceneSpe
     rng = np.random.default_rng([seed, index])
     drawn = sample_spec(rng)
     spec = drawn if spec is None else spec
-    image, ids = render_spec(spec, rng, resolution)
+    image, ids = render_spec(spec, rng, resolution, views)
     return ToySample((image * 255.0 + 0.5).astype(np.uint8), spec, ids > 0)
 
 
@@ -252,21 +282,23 @@ class ToyBatch:
     """What each picture shows (captions via :func:`~mmstyle_ns.teacher.vocab.caption`)."""
 
 
-def generate_batch(seed: int, start: int, count: int, resolution: int = 128) -> ToyBatch:
+def generate_batch(
+    seed: int, start: int, count: int, resolution: int = 128, views: ViewRange = TEACHER_VIEWS
+) -> ToyBatch:
     """Samples ``start .. start + count - 1`` of the data set with ``seed``, with their object masks."""
     images = np.empty((count, resolution, resolution, 3), dtype=np.uint8)
     masks = np.empty((count, resolution, resolution), dtype=bool)
     specs = []
     for i in range(count):
-        sample = generate_sample(seed, start + i, resolution)
+        sample = generate_sample(seed, start + i, resolution, views=views)
         images[i], masks[i] = sample.image, sample.mask
         specs.append(sample.spec)
     return ToyBatch(images, masks, specs)
 
 
 def generate_images(
-    seed: int, start: int, count: int, resolution: int = 128
+    seed: int, start: int, count: int, resolution: int = 128, views: ViewRange = TEACHER_VIEWS
 ) -> tuple[UInt8[np.ndarray, "N H W 3"], list[SceneSpec]]:
     """Samples ``start .. start + count - 1`` of the data set with ``seed``: pictures ``[N, H, W, 3]`` and specs."""
-    batch = generate_batch(seed, start, count, resolution)
+    batch = generate_batch(seed, start, count, resolution, views)
     return batch.images, batch.specs

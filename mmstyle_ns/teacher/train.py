@@ -22,10 +22,8 @@ thread count. Call :func:`train_teacher` (or ``mmstyle-teacher train``).
 from __future__ import annotations
 
 import math
-import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ import torch
 from jaxtyping import Float, UInt8
 from torch import Tensor
 
+from mmstyle_ns.progress import print_line, progress
 from mmstyle_ns.teacher.checker import Accuracy, accuracy, classify_colours
 from mmstyle_ns.teacher.config import DenoiserStage, TrainConfig, VaeStage
 from mmstyle_ns.teacher.data import generate_batch, generate_images
@@ -66,61 +65,6 @@ class VaeReport:
     """Colour-checker accuracy on the reconstructions (truth: the generated colour)."""
     checker_on_originals: Accuracy
     """The checker's own accuracy on the original pictures."""
-
-
-def _log(message: str) -> None:
-    print(message, flush=True)
-
-
-@contextmanager
-def _progress(total: int, description: str, quiet: bool) -> Iterator[Callable[..., None]]:
-    """A rich progress bar on a terminal, a plain line every 5% otherwise (logs); yields ``advance(**fields)``."""
-    if quiet:
-        yield lambda **_: None
-        return
-
-    def info_of(fields: dict[str, Any]) -> str:
-        return "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
-
-    if not sys.stdout.isatty():
-        start, done = time.perf_counter(), 0
-        every = max(1, total // 20)
-
-        def advance_plain(**fields: Any) -> None:
-            nonlocal done
-            done += 1
-            if done % every == 0 or done == total:
-                elapsed = time.perf_counter() - start
-                left = elapsed / done * (total - done)
-                _log(f"{description}: {done}/{total}  {elapsed:.0f} s, ~{left:.0f} s left  {info_of(fields)}")
-
-        yield advance_plain
-        return
-
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
-    )
-    with Progress(*columns) as progress:
-        task = progress.add_task(description, total=total, info="")
-
-        def advance(**fields: Any) -> None:
-            progress.update(task, advance=1, info=info_of(fields))
-
-        yield advance
 
 
 def _schedule(step: int, total: int, warmup: int) -> float:
@@ -178,7 +122,7 @@ def train_vae(
     gen = torch.Generator(device=device).manual_seed(seed)
     losses = []
     size, crop = pool.shape[1], stage.crop
-    with _progress(stage.steps, "VAE", quiet) as advance:
+    with progress(stage.steps, "VAE", quiet) as advance:
         for step in range(stage.steps):
             for group in optimiser.param_groups:
                 group["lr"] = stage.lr * _schedule(step, stage.steps, 50)
@@ -324,7 +268,7 @@ def train_denoiser(
     num_timesteps = int(parts.scheduler.config.num_train_timesteps)
     gen = torch.Generator(device=device).manual_seed(seed + 2)
     losses = []
-    with _progress(stage.steps, "text encoder + UNet", quiet) as advance:
+    with progress(stage.steps, "text encoder + UNet", quiet) as advance:
         for step in range(stage.steps):
             for group in optimiser.param_groups:
                 group["lr"] = stage.lr * _schedule(step, stage.steps, 100)
@@ -372,7 +316,7 @@ def _load_stage1_vae(folder: Path, device: torch.device) -> Any:
     return vae.to(device).eval()
 
 
-def train_teacher(config: TrainConfig, log: Callable[[str], None] = _log) -> Path:
+def train_teacher(config: TrainConfig, log: Callable[[str], None] = print_line) -> Path:
     """Runs both stages, the gate between them, and saves the teacher to ``config.output``.
 
     Returns:

@@ -149,6 +149,31 @@ def sample_spec(rng: np.random.Generator) -> SceneSpec:
     )
 
 
+def all_specs() -> list[SceneSpec]:
+    """Every scene the grammar can describe (8 colours x 3 shapes x 4 grounds x 3 styles x 2 materials x 3 counts =
+    1728), in a fixed order; their captions are the candidate pool of caption retrieval."""
+    return [
+        SceneSpec(colour, shape, ground, style, material, count)
+        for style in STYLES
+        for count in COUNTS
+        for material in MATERIALS
+        for colour in COLOURS
+        for shape in SHAPES
+        for ground in GROUNDS
+    ]
+
+
+ATTRIBUTES: dict[str, tuple[str | int, ...]] = {
+    "colour": COLOURS,
+    "shape": SHAPES,
+    "ground": GROUNDS,
+    "style": STYLES,
+    "material": MATERIALS,
+    "count": COUNTS,
+}
+"""Each attribute of a :class:`SceneSpec` and its values (the classes of zero-shot classification)."""
+
+
 def colour_prompts(per_colour: int = 2) -> list[tuple[str, SceneSpec]]:
     """Evaluation prompts: ``per_colour`` photo captions per colour, cycling shapes and grounds.
 
