@@ -187,7 +187,7 @@ def train_clip(config: ClipTrainConfig, log: Callable[[str], None] = print_line)
     info = {
         "model_name": TOY_CLIP_NAME,
         "architecture": asdict(arch),
-        "train": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items() if k != "architecture"},
+        "train": {k: v for k, v in asdict(config).items() if k not in ("architecture", "output")},
         "parameters": parameters,
         "final_loss": round(float(np.mean(losses[-50:])), 4),
         "temperature": round(float(model.logit_scale.exp()), 3),
