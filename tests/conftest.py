@@ -34,9 +34,20 @@ def tiny_scene(tmp_path_factory: pytest.TempPathFactory):
     return generate_scene("object360", tmp_path_factory.mktemp("scene") / "object360", num_views=24, resolution=32)
 
 
-def short_run_config(method: str, data: Path, output: Path, iterations: int = 40) -> Any:
+@pytest.fixture(scope="session")
+def tiny_guidance_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random diffusion model in the Stable Diffusion layout, with SD's 8x VAE downsampling."""
+    from mmstyle_ns.guidance.tiny import build_tiny_stable_diffusion
+
+    return build_tiny_stable_diffusion(tmp_path_factory.mktemp("sd") / "tiny-sd", vae_channels=(8, 8, 8, 8), seed=0)
+
+
+def short_run_config(
+    method: str, data: Path, output: Path, iterations: int = 40, guidance_model: Path | None = None
+) -> Any:
     """The registered ``method``'s trainer config, shrunk to a short CPU run on ``data`` that still reaches every
-    stage (coarse-to-fine regrids, the stylization stage) and saves a checkpoint at its end."""
+    stage (coarse-to-fine regrids, the stylization or guided stage) and saves a checkpoint at its end; guided
+    methods get ``guidance_model`` and prompts."""
     from nerfstudio.plugins.registry import discover_methods
 
     methods, _ = discover_methods()
@@ -59,6 +70,13 @@ def short_run_config(method: str, data: Path, output: Path, iterations: int = 40
     if hasattr(model, "reconstruction_steps"):  # reach the stylization stage too
         model.reconstruction_steps = iterations * 5 // 8
         pipeline.cache_dir = output / "style_cache"
+    if hasattr(pipeline, "guidance"):
+        if guidance_model is None:
+            raise ValueError(f"{method} is guided: pass guidance_model (the tiny_guidance_model fixture)")
+        pipeline.guidance.model_path = str(guidance_model)
+        for name, prompt in (("source_prompt", "a red cube on grass"), ("target_prompt", "a blue cube on grass")):
+            if hasattr(model, name):
+                setattr(model, name, prompt)
     return config
 
 

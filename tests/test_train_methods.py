@@ -20,14 +20,16 @@ OUR_METHODS = sorted(
 
 
 def test_methods_are_registered() -> None:
-    assert "mmstyle-base" in OUR_METHODS
+    assert {"mmstyle-base", "mm-nerf", "ed-nerf"} <= set(OUR_METHODS)
 
 
 @pytest.mark.parametrize("method", OUR_METHODS)
-def test_method_trains_saves_and_reloads(method: str, tiny_scene: Path, tmp_path: Path) -> None:
+def test_method_trains_saves_and_reloads(
+    method: str, tiny_scene: Path, tmp_path: Path, tiny_guidance_model: Path
+) -> None:
     from nerfstudio.utils.eval_utils import eval_setup
 
-    config = short_run_config(method, tiny_scene, tmp_path)
+    config = short_run_config(method, tiny_scene, tmp_path, guidance_model=tiny_guidance_model)
     config.save_config()
     trainer = config.setup(local_rank=0, world_size=1)
     trainer.setup()

@@ -97,18 +97,20 @@ def trilinear_lookup(
 
 
 class DenseGridField(Field):
-    """Density + feature voxel grids with a tiny view-dependent colour MLP.
+    """Density + feature voxel grids with a view-dependent colour of any number of channels.
 
     Args:
         aabb: box the grids span, ``[2, 3]`` (min corner, max corner).
         resolution: grid vertices along the longest side of the box.
-        feature_dim: channels of the feature grid (with ``color_mode="sh"`` it is ``3 * sh_levels**2``).
+        feature_dim: channels of the feature grid (with ``color_mode="sh"`` it is ``out_channels * sh_levels**2``).
         hidden_dim: width of the colour MLP (``color_mode="mlp"``).
         sh_levels: spherical-harmonic levels for the view direction (``levels**2`` coefficients).
         density_init: initial density (per unit length) of every voxel.
         color_mode: ``"sh"`` stores RGB spherical-harmonic coefficients in the grid (Plenoxels-like: every
             sample's colour is a direct parameter, which learns in few steps); ``"mlp"`` decodes the feature
             grid with a small MLP conditioned on the encoded view direction (DVGO-like).
+        out_channels: channels of the view-dependent output (3 for RGB; e.g. 4 for Stable Diffusion latents).
+        activation: ``"sigmoid"`` maps outputs to [0, 1] (RGB); ``"none"`` leaves them unbounded (latents).
     """
 
     aabb: Tensor
@@ -124,12 +126,20 @@ class DenseGridField(Field):
         sh_levels: int = 3,
         density_init: float = 0.1,
         color_mode: Literal["sh", "mlp"] = "mlp",
+        out_channels: int = 3,
+        activation: Literal["sigmoid", "none"] = "sigmoid",
     ) -> None:
         super().__init__()
+        if out_channels < 1:
+            raise ValueError(f"out_channels must be at least 1, got {out_channels}")
+        if activation not in ("sigmoid", "none"):
+            raise ValueError(f"unknown activation {activation!r}; expected sigmoid or none")
         self.color_mode = color_mode
+        self.out_channels = out_channels
+        self.activation = activation
         self.sh_coefficients = sh_levels**2
         if color_mode == "sh":
-            feature_dim = 3 * self.sh_coefficients
+            feature_dim = out_channels * self.sh_coefficients
         self.feature_dim = feature_dim
         self.register_buffer("aabb", aabb.clone().float())
         self.register_buffer("grid_dims", torch.tensor(grid_shape_for(self.aabb, resolution)))
@@ -148,7 +158,7 @@ class DenseGridField(Field):
                 nn.ReLU(inplace=True),
                 nn.Linear(hidden_dim, hidden_dim),
                 nn.ReLU(inplace=True),
-                nn.Linear(hidden_dim, 3),
+                nn.Linear(hidden_dim, out_channels),
             )
 
     @property
@@ -183,14 +193,16 @@ class DenseGridField(Field):
 
     def color_from_corners(
         self, index: Int[Tensor, "N 8"], weights: Float[Tensor, "N 8"], directions: Float[Tensor, "N 3"]
-    ) -> Float[Tensor, "N 3"]:
-        """View-dependent RGB in [0, 1] from interpolation corners and unit view directions."""
+    ) -> Float[Tensor, "N C"]:
+        """View-dependent output (RGB in [0, 1] by default) from interpolation corners and unit view directions."""
         features = trilinear_lookup(self.feature_grid, index, weights)
         encoded = self.direction_encoding((directions + 1.0) / 2.0)  # SHEncoding takes directions in [0, 1]
-        if self.color_mlp is None:  # RGB spherical-harmonic coefficients
-            coefficients = features.view(-1, 3, self.sh_coefficients)
-            return torch.sigmoid(torch.einsum("nck,nk->nc", coefficients, encoded))
-        return torch.sigmoid(self.color_mlp(torch.cat([features, encoded], dim=-1)))
+        if self.color_mlp is None:  # spherical-harmonic coefficients per output channel
+            coefficients = features.view(-1, self.out_channels, self.sh_coefficients)
+            raw = torch.einsum("nck,nk->nc", coefficients, encoded)
+        else:
+            raw = self.color_mlp(torch.cat([features, encoded], dim=-1))
+        return torch.sigmoid(raw) if self.activation == "sigmoid" else raw
 
     def vertex_densities(self) -> Float[Tensor, "X Y Z"]:
         """Density at every grid vertex."""
@@ -219,7 +231,7 @@ class DenseGridField(Field):
         flat = density_embedding.reshape(-1, 16)
         directions = ray_samples.frustums.directions.reshape(-1, 3)
         rgb = self.color_from_corners(flat[:, :8].long(), flat[:, 8:], directions)
-        return {FieldHeadNames.RGB: rgb.view(*density_embedding.shape[:-1], 3)}
+        return {FieldHeadNames.RGB: rgb.view(*density_embedding.shape[:-1], self.out_channels)}
 
     @torch.no_grad()
     def regrid(self, aabb: Float[Tensor, "2 3"], resolution: int) -> None:

@@ -1,29 +1,36 @@
 """``mmstyle-base``: the photorealistic base method that the stylization methods start from.
 
-A subclass of nerfstudio's nerfacto model whose field is a CPU-fast dense voxel grid
+A nerfstudio ``Model`` whose field is a CPU-fast dense voxel grid
 (:class:`~mmstyle_ns.fields.grid_field.DenseGridField`) sampled by plain-PyTorch empty-space skipping
 (:class:`~mmstyle_ns.fields.occupancy.OccupancySampler`), in the spirit of DVGO (Sun et al., CVPR 2022):
 grids grow coarse-to-fine and, at every growth step, are cropped to the part of the scene box that is
 occupied, so the voxels are spent on the content. A distortion loss (mip-NeRF 360) keeps surfaces sharp, which
 also leaves fewer samples per ray to march.
+
+The model is the shared base of every method of the package: its field outputs any number of channels
+(:meth:`MMStyleBaseModel.field_output`; RGB by default, Stable-Diffusion latents in ED-NeRF), composited over a
+background of that many channels, and :meth:`MMStyleBaseModel.render_camera` renders whole images or patches of
+a camera, at a scale, with gradients (nerfstudio's own ``get_outputs_for_camera`` runs without them).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Literal
 
 import nerfacc
 import torch
 import torch.nn.functional as F
+import tyro
 from jaxtyping import Float
 from nerfstudio.cameras.camera_optimizers import CameraOptimizerConfig
+from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.cameras.rays import RayBundle
 from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
 from nerfstudio.model_components.losses import MSELoss
 from nerfstudio.model_components.renderers import RGBRenderer
-from nerfstudio.models.base_model import Model
-from nerfstudio.models.nerfacto import NerfactoModel, NerfactoModelConfig
+from nerfstudio.models.base_model import Model, ModelConfig
 from nerfstudio.utils import colormaps
 from torch import Tensor
 from torch.nn import Parameter
@@ -41,10 +48,16 @@ register_safe_globals()
 
 
 @dataclass
-class MMStyleBaseModelConfig(NerfactoModelConfig):
-    """Configuration of the dense-grid base model (nerfacto's options plus the grid's)."""
+class MMStyleBaseModelConfig(ModelConfig):
+    """Configuration of the dense-grid base model (nerfstudio's model options plus the grid's)."""
 
     _target: type = field(default_factory=lambda: MMStyleBaseModel)
+    # nerfstudio's generic model options that this field does not use: hidden from --help (the sampler marches
+    # from near_plane to the grid's far side; the loss weights are the fields below).
+    enable_collider: tyro.conf.Suppress[bool] = False
+    collider_params: tyro.conf.Suppress[dict[str, float] | None] = None
+    loss_coefficients: tyro.conf.Suppress[dict[str, float]] = field(default_factory=dict)
+    prompt: tyro.conf.Suppress[str | None] = None
     background_color: Literal["black", "white"] = "white"
     """Colour shown behind the content (renders, viewer, evaluation)."""
     random_background_training: bool = True
@@ -94,20 +107,23 @@ class MMStyleBaseModelConfig(NerfactoModelConfig):
     """Report LPIPS in evaluations (needs torchvision's AlexNet weights in the torch hub cache)."""
 
 
-class MMStyleBaseModel(NerfactoModel):
+class MMStyleBaseModel(Model):
     """Photorealistic dense-grid NeRF that trains in seconds to minutes on a CPU.
 
-    Reuses nerfacto's configuration, RGB renderer, loss and camera optimizer; replaces the hash-grid field and
-    proposal sampler.
+    Uses nerfstudio's RGB renderer, MSE loss and camera optimizer with its own field and empty-space-skipping
+    sampler.
     """
 
     config: MMStyleBaseModelConfig
     views_initialized: Tensor
 
+    def field_output(self) -> tuple[int, Literal["sigmoid", "none"]]:
+        """Channels and activation of the field's view-dependent output: RGB (3, sigmoid) here; a subclass that
+        renders other quantities (e.g. VAE latents: their channel count, no activation) overrides this."""
+        return 3, "sigmoid"
+
     def populate_modules(self) -> None:
-        # nerfacto's populate_modules builds its hash-grid field, proposal networks and an LPIPS network whose
-        # weights download at construction; only the generic part of model set-up is wanted here.
-        Model.populate_modules(self)
+        super().populate_modules()
         if len(self.config.regrid_steps) != len(self.config.grid_resolutions) - 1:
             raise ValueError("regrid_steps needs exactly one entry fewer than grid_resolutions")
         aabb = self.scene_box.aabb.float()
@@ -121,6 +137,8 @@ class MMStyleBaseModel(NerfactoModel):
             sh_levels=self.config.sh_levels,
             density_init=density_init,
             color_mode=self.config.color_mode,
+            out_channels=self.field_output()[0],
+            activation=self.field_output()[1],
         )
         self.sampler = OccupancySampler(
             step_ratio=self.config.step_ratio,
@@ -281,13 +299,23 @@ class MMStyleBaseModel(NerfactoModel):
 
     def composite(
         self,
-        colors: Float[Tensor, "S 3"],
+        colors: Float[Tensor, "S C"],
         weights: Float[Tensor, " S"],
         ray_indices: Tensor,
         num_rays: int,
-        background: Literal["random", "black", "white"] | None,
-    ) -> Float[Tensor, "R 3"]:
-        """Volume-renders per-sample colours (``background=None``: the training background)."""
+        background: Literal["random", "black", "white"] | Float[Tensor, " C"] | None,
+    ) -> Float[Tensor, "R C"]:
+        """Volume-renders per-sample outputs ``sum_i w_i c_i + (1 - sum_i w_i) b`` over a background ``b``.
+
+        ``background`` is a named RGB background (``None``: the training background) or a tensor of the outputs'
+        channel count (e.g. the VAE latent of a white picture).
+        """
+        if isinstance(background, Tensor):
+            if background.shape != (colors.shape[-1],):
+                raise ValueError(f"background must have {colors.shape[-1]} channels, got {tuple(background.shape)}")
+            accumulated = nerfacc.accumulate_along_rays(weights, colors, ray_indices=ray_indices, n_rays=num_rays)
+            opacity = nerfacc.accumulate_along_rays(weights, None, ray_indices=ray_indices, n_rays=num_rays)
+            return accumulated + (1.0 - opacity) * background.to(colors)
         return self.renderer_rgb(
             rgb=colors,
             weights=weights[:, None],
@@ -295,6 +323,58 @@ class MMStyleBaseModel(NerfactoModel):
             num_rays=num_rays,
             background_color=background,
         )
+
+    def render_camera(
+        self,
+        camera: Cameras,
+        scale: float = 1.0,
+        patch: tuple[int, int, int, int] | None = None,
+        chunk: int | None = None,
+    ) -> dict[str, Tensor]:
+        """Renders one camera (a whole image or a patch of it) WITH gradients, unlike nerfstudio's
+        ``get_outputs_for_camera``.
+
+        Args:
+            camera: one camera (``Cameras`` of shape ``[1]``).
+            scale: output resolution factor; intrinsics are scaled as ``Cameras.rescale_output_resolution`` does
+                (e.g. 1/8 renders at Stable Diffusion's latent size).
+            patch: ``(top, left, height, width)`` in pixels of the scaled image; None renders all of it.
+            chunk: rays per forward pass (default ``config.eval_num_rays_per_chunk``).
+
+        Returns:
+            Per-pixel outputs ``[h, w, C]``; scalar outputs (training-only losses, statistics) averaged over chunks.
+        """
+        if camera.shape != (1,) and camera.shape != ():
+            raise ValueError(f"render_camera takes one camera, got cameras of shape {tuple(camera.shape)}")
+        camera = camera.reshape((1,)) if camera.shape == () else camera
+        if scale != 1.0:
+            camera = copy.deepcopy(camera)
+            camera.rescale_output_resolution(scale)
+        bundle = camera.to(self.device).generate_rays(camera_indices=0, keep_shape=True)  # [H, W]
+        if patch is not None:
+            top, left, height, width = patch
+            full_h, full_w = bundle.shape
+            if top < 0 or left < 0 or height < 1 or width < 1 or top + height > full_h or left + width > full_w:
+                raise ValueError(f"patch {patch} does not lie inside the {full_h}x{full_w} image")
+            bundle = bundle[top : top + height, left : left + width]
+        h, w = bundle.shape
+        flat = bundle.reshape((-1,))
+        step = chunk or self.config.eval_num_rays_per_chunk
+        pieces: dict[str, list[Tensor]] = {}
+        scalars: dict[str, Tensor] = {}
+        for start in range(0, len(flat), step):
+            part = flat[start : start + step]
+            outputs = self.forward(ray_bundle=part)
+            for name, value in outputs.items():
+                if not isinstance(value, Tensor):
+                    continue
+                if value.ndim >= 1 and value.shape[0] == len(part):
+                    pieces.setdefault(name, []).append(value)
+                elif value.numel() == 1:
+                    share = value.reshape(()) * (len(part) / len(flat))
+                    scalars[name] = scalars[name] + share if name in scalars else share
+        result = {name: torch.cat(parts).view(h, w, -1) for name, parts in pieces.items()}
+        return result | scalars
 
     def get_outputs(self, ray_bundle: RayBundle) -> dict[str, Tensor]:  # type: ignore[override]
         if self.training:
@@ -311,7 +391,7 @@ class MMStyleBaseModel(NerfactoModel):
         depth = nerfacc.accumulate_along_rays(weights, t_mid, ray_indices=samples.ray_indices, n_rays=num_rays)
         depth = depth / accumulation.clamp_min(1e-6)
         outputs = {
-            "rgb": rgb.view(*batch_shape, 3),
+            "rgb": rgb.view(*batch_shape, rgb.shape[-1]),
             "accumulation": accumulation.view(*batch_shape, 1),
             "depth": depth.view(*batch_shape, 1),
             "expected_depth": depth.view(*batch_shape, 1),

@@ -5,9 +5,10 @@ Training has two stages in one run:
 1. Reconstruction (steps ``< reconstruction_steps``): the photorealistic base field of ``mmstyle-base``. Skipped
    when a trained base (or mm-nerf) checkpoint is loaded with ``--load-dir``: nerfstudio resumes at its step.
 2. Stylization: geometry and base colour are frozen; the samples and rendering weights of every training pixel
-   are computed once and cached, so a step only evaluates the shared style feature grid and one style's colour
-   head (its parameters predicted by that style's head, see :mod:`mmstyle_ns.fields.style_field`). One style
-   is trained per step (round robin), so the cost of a step does not grow with the number of styles.
+   are computed once and cached (:mod:`mmstyle_ns.models.frozen`), so a step only evaluates the shared style
+   feature grid and one style's colour head (its parameters predicted by that style's head, see
+   :mod:`mmstyle_ns.fields.style_field`). One style is trained per step (round robin), so the cost of a step does
+   not grow with the number of styles.
 
 Supervision is 2D stylization of the training views (Magenta arbitrary style transfer by default), produced once
 and cached on disk, plus the multi-view style-consistent term (see :mod:`mmstyle_ns.style.targets`).
@@ -15,10 +16,6 @@ and cached on disk, plus the multi-view style-consistent term (see :mod:`mmstyle
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import hashlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,51 +23,25 @@ import nerfacc
 import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int, UInt8
+from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.viewer.viewer_elements import ViewerDropdown, ViewerSlider
-from rich.progress import track
 from torch import Tensor, nn
 from torch.nn import Parameter
 
 from mmstyle_ns.fields.grid_field import trilinear_lookup
 from mmstyle_ns.fields.occupancy import PackedSamples
 from mmstyle_ns.fields.style_field import ColorHeadSpec, FeatureGrid, StyleHead
-from mmstyle_ns.models.base import MMStyleBaseModel, MMStyleBaseModelConfig
+from mmstyle_ns.models.frozen import FrozenGeometryModel, FrozenGeometryModelConfig, SampleCache
 from mmstyle_ns.style.cache import StylizedViewCache
 from mmstyle_ns.style.extractor import StyleExtractorConfig, most_similar
-
-_PENDING_STYLES: contextvars.ContextVar[tuple[list[str], Tensor] | None] = contextvars.ContextVar(
-    "mmstyle_pending_styles", default=None
-)
-
-
-@contextlib.contextmanager
-def pending_styles(names: list[str], embeddings: Float[Tensor, "S D"]) -> Iterator[None]:
-    """Styles a model built inside this block creates its heads for (the pipeline prepares them first)."""
-    token = _PENDING_STYLES.set((list(names), embeddings))
-    try:
-        yield
-    finally:
-        _PENDING_STYLES.reset(token)
-
-
-SAMPLE_STORE_VERSION = "1"
-"""Bumped whenever the stored samples' format or how they are computed changes (the code of
-:class:`~mmstyle_ns.fields.occupancy.OccupancySampler` and ``packed_weights`` included)."""
-
-
-def _tensor_bytes(tensor: Tensor) -> bytes:
-    """The raw bytes of a tensor, prefixed with its dtype and shape (for hashing)."""
-    data = tensor.detach().cpu().contiguous()
-    return f"{data.dtype}|{tuple(data.shape)}|".encode() + data.view(-1).view(torch.uint8).numpy().tobytes()
-
 
 ORIGINAL = "original"
 """Output name (and viewer choice) of the unstylized, photorealistic render."""
 
 
 @dataclass
-class MMNeRFModelConfig(MMStyleBaseModelConfig):
-    """MM-NeRF: the base field's options plus the multi-style ones."""
+class MMNeRFModelConfig(FrozenGeometryModelConfig):
+    """MM-NeRF: the base field's and sample cache's options plus the multi-style ones."""
 
     _target: type = field(default_factory=lambda: MMNeRFModel)
     reconstruction_steps: int = 600
@@ -87,38 +58,32 @@ class MMNeRFModelConfig(MMStyleBaseModelConfig):
     """Weight of the multi-view style-consistent loss (agreement with the stylized neighbouring views)."""
     consistency_neighbors: int = 4
     """Nearest stylized views each view is checked against for the multi-view style-consistent loss."""
-    cache_min_weight: float = 1e-2
-    """Samples whose rendering weight is below this are left out of the stylization cache (and its renders)."""
     style_extractor: StyleExtractorConfig = field(default_factory=StyleExtractorConfig)
     """Multimodal style feature extractor: embeddings of image, text and audio styles."""
 
 
-@dataclass
-class SampleCache:
-    """Samples and rendering weights of every training pixel under the frozen geometry (packed by pixel)."""
+@dataclass(frozen=True)
+class StyleSet:
+    """The styles a model is built with, one head each: the keyword argument ``styles`` of the model's constructor
+    (``MMNeRFModelConfig.setup(..., styles=...)``), which nerfstudio keeps in ``Model.kwargs``."""
 
-    positions: Float[Tensor, "S 3"]
-    weights: Float[Tensor, " S"]
-    offsets: Int[Tensor, " P1"]
-    """Pixel ``p``'s samples are ``offsets[p]:offsets[p + 1]``; pixels are ordered camera, row, column."""
-    accumulation: Float[Tensor, " P"]
-    depth: Float[Tensor, " P"]
-    """Expected distance along the (unit) ray; meaningful where the accumulation is high."""
-    image_shape: tuple[int, int, int]
-    """``(cameras, height, width)``."""
+    names: tuple[str, ...]
+    """The styles' names (output names, viewer choices); heads load from a checkpoint by name."""
+    embeddings: Float[Tensor, "S D"]
+    """The styles' embeddings, the heads' inputs (zeros where a checkpoint will provide them)."""
+
+    def __post_init__(self) -> None:
+        if len(self.names) != self.embeddings.shape[0] or len(self.names) == 0:
+            raise ValueError("a style set needs one embedding per style and at least one style")
+
+
+@dataclass
+class StyleSampleCache(SampleCache):
+    """The frozen geometry's sample cache, and the colour heads' inputs at its samples once they are frozen."""
 
     head_inputs: Float[Tensor, "S F"] | None = None
     """Inputs of the colour head at every sample (style features and base colour), when the style grid is frozen
     (see :meth:`MMNeRFModel.cache_head_inputs`); a step then only evaluates the colour heads."""
-
-    def gather(self, pixels: Int[Tensor, " B"]) -> tuple[Int[Tensor, " S"], Int[Tensor, " S"]]:
-        """Indices of the samples of the given pixels, and their (batch-local) ray index."""
-        starts, ends = self.offsets[pixels], self.offsets[pixels + 1]
-        counts = ends - starts
-        ray_indices = torch.repeat_interleave(torch.arange(len(pixels), device=pixels.device), counts)
-        first = torch.cumsum(counts, 0) - counts
-        within = torch.arange(int(counts.sum()), device=pixels.device) - first[ray_indices]
-        return starts[ray_indices] + within, ray_indices
 
 
 @dataclass
@@ -133,11 +98,16 @@ class StyleTargets:
     """Pixels with a consistent target."""
 
 
-class MMNeRFModel(MMStyleBaseModel):
-    """Multi-style NeRF: shared geometry and style features, one parameter-prediction head per style."""
+class MMNeRFModel(FrozenGeometryModel):
+    """Multi-style NeRF: shared geometry and style features, one parameter-prediction head per style.
+
+    Built with the keyword argument ``styles`` (a :class:`StyleSet`, see :class:`~mmstyle_ns.pipelines.mm_nerf.
+    MMNeRFPipeline`); without it the model has no style heads and renders the photorealistic colours only.
+    """
 
     config: MMNeRFModelConfig
     style_embeddings: Tensor
+    sample_cache: StyleSampleCache | None
 
     def populate_modules(self) -> None:
         super().populate_modules()
@@ -151,25 +121,24 @@ class MMNeRFModel(MMStyleBaseModel):
         """Styles whose heads came from a checkpoint (the others are new)."""
         self.trainable: list[int] = []
         """Indices of the styles trained in the stylization stage."""
-        self.sample_cache: SampleCache | None = None
-        self.sample_store_hits = 0
-        """Views the last :meth:`build_sample_cache` read from its on-disk store instead of marching them."""
         self.style_views: Tensor | None = None
         """Index of each stylized view in the sample cache ``[V]``."""
         self.cached_cameras: Tensor | None = None
         """Training-camera index of each view in the sample cache ``[C]``."""
         self.style_targets: dict[int, StyleTargets] = {}
         """Supervision of each trainable style over ``style_views``."""
-        pending = _PENDING_STYLES.get()
-        if pending is not None:
-            self.set_styles(*pending)
+        # The heads are created while the model is built, not added by the pipeline afterwards: the pipeline copies
+        # rank 0's parameters to the other processes as soon as the model is built (multi-device training), and the
+        # trainer's optimizers take their parameter groups from the model as built.
+        styles: StyleSet | None = self.kwargs.get("styles")
+        if styles is not None:
+            self._create_style_heads(styles)
 
     # ---- styles ------------------------------------------------------------------------------------------
 
-    def set_styles(self, names: list[str], embeddings: Float[Tensor, "S D"]) -> None:
-        """Creates one head per style and the viewer controls (at construction, see :func:`pending_styles`)."""
-        if len(names) != embeddings.shape[0] or len(names) == 0:
-            raise ValueError("set_styles needs one embedding per style and at least one style")
+    def _create_style_heads(self, styles: StyleSet) -> None:
+        """Creates one head per style and the viewer controls (at construction, from the ``styles`` argument)."""
+        names, embeddings = styles.names, styles.embeddings
         self.style_names = list(names)
         self.style_embeddings = embeddings.float().to(self.style_embeddings.device)
         # one shared starting colour head: heads begin at the same parameters, so blends between them stay
@@ -251,101 +220,11 @@ class MMNeRFModel(MMStyleBaseModel):
         """Whether ``step`` belongs to the stylization stage."""
         return step >= self.config.reconstruction_steps
 
-    def freeze_geometry(self) -> None:
-        """Stops gradients into the density and base-colour grids, regrids and occupancy refreshes."""
-        self.field.density_grid.requires_grad_(False)
-        self.field.feature_grid.requires_grad_(False)
-        self.geometry_frozen = True
-
-    def geometry_key(self) -> str:
-        """Hash of everything the samples and weights of a ray depend on under the frozen geometry: the density
-        grid and its box, the occupancy grid, and the sampler's and cache's settings."""
-        field, sampler = self.field, self.sampler
-        digest = hashlib.sha256(
-            f"samples|v{SAMPLE_STORE_VERSION}|{type(field).__name__}|{field.density_shift!r}|"
-            f"{sampler.step_ratio!r}|{sampler.alpha_threshold!r}|{sampler.early_stop_eps!r}|"
-            f"{sampler.max_samples_per_ray}|{sampler.SEGMENT}|{self.config.near_plane!r}|"
-            f"{self.config.cache_min_weight!r}|".encode()
-        )
-        for tensor in (field.density_grid, field.aabb, field.grid_dims, field.density_scale, sampler.occupancy):
-            digest.update(_tensor_bytes(tensor))
-        digest.update(str(bool(sampler.initialized)).encode())
-        return digest.hexdigest()
-
-    @torch.no_grad()
-    def _march_view(
-        self, origins: Float[Tensor, "P 3"], directions: Float[Tensor, "P 3"], chunk: int
-    ) -> tuple[Float[Tensor, " S"], Float[Tensor, " S"], Int[Tensor, " P"]]:
-        """Distances, weights and per-pixel counts of the kept samples of one view's rays (sorted by pixel)."""
-        t_mids, weights, counts = [], [], []
-        for o, d in zip(origins.split(chunk), directions.split(chunk), strict=True):
-            samples, w = self.march_weights(o, d)
-            keep = w >= self.config.cache_min_weight
-            t_mids.append(((samples.t_starts + samples.t_ends) / 2)[keep])
-            weights.append(w[keep])
-            counts.append(torch.bincount(samples.ray_indices[keep], minlength=len(o)))
-        return torch.cat(t_mids), torch.cat(weights), torch.cat(counts)
-
-    @torch.no_grad()
     def build_sample_cache(
-        self, cameras: Any, store: StylizedViewCache | None = None, chunk: int = 1 << 14
-    ) -> SampleCache:
-        """Marches every pixel of ``cameras`` once through the frozen field and keeps the weighted samples.
-
-        Args:
-            cameras: the views to cache (all of the same size).
-            store: on-disk store of the marched samples, keyed by :meth:`geometry_key` and each view's rays;
-                a view found there is not marched again (the samples are bit-identical), a marched one is added.
-            chunk: rays marched at once.
-        """
-        was_training = self.training
-        self.eval()
-        positions, weights, counts, accumulation, depth = [], [], [], [], []
-        height, width = int(cameras.height[0]), int(cameras.width[0])
-        geometry = self.geometry_key() if store is not None else ""
-        hits = 0
-        for i in track(range(len(cameras)), description="Caching ray samples", transient=True):
-            bundle = cameras.generate_rays(camera_indices=i, keep_shape=True)
-            origins = bundle.origins.reshape(-1, 3).to(self.device)
-            directions = bundle.directions.reshape(-1, 3).to(self.device)
-            num = origins.shape[0]
-            if store is None:
-                t_mid, w, count = self._march_view(origins, directions, chunk)
-            else:
-                # the chunk too: a chunk's longest ray can set the marching step (see OccupancySampler)
-                rays = hashlib.sha256(f"{chunk}|".encode() + _tensor_bytes(origins) + _tensor_bytes(directions))
-                rays = rays.hexdigest()
-                packed = store.load(geometry, rays)
-                if packed is None:
-                    t_mid, w, count = self._march_view(origins, directions, chunk)
-                    store.store(geometry, rays, torch.cat([count.float(), t_mid, w]).cpu().numpy())
-                else:  # counts (exact in float32), then distances, then weights
-                    hits += 1
-                    flat = torch.from_numpy(packed).to(self.device)
-                    count = flat[:num].long()
-                    t_mid, w = flat[num:].view(2, -1)
-            ray_indices = torch.repeat_interleave(torch.arange(num, device=origins.device), count)
-            acc = torch.zeros(num, device=origins.device).index_add_(0, ray_indices, w)
-            dep = torch.zeros(num, device=origins.device).index_add_(0, ray_indices, w * t_mid)
-            positions.append(origins[ray_indices] + directions[ray_indices] * t_mid[:, None])
-            weights.append(w)
-            counts.append(count)
-            accumulation.append(acc)
-            depth.append(dep / acc.clamp_min(1e-6))
-        if was_training:
-            self.train()
-        self.sample_store_hits = hits
-        all_counts = torch.cat(counts)
-        offsets = torch.zeros(len(all_counts) + 1, dtype=torch.long, device=all_counts.device)
-        offsets[1:] = torch.cumsum(all_counts, 0)
-        self.sample_cache = SampleCache(
-            positions=torch.cat(positions),
-            weights=torch.cat(weights),
-            offsets=offsets,
-            accumulation=torch.cat(accumulation),
-            depth=torch.cat(depth),
-            image_shape=(len(cameras), height, width),
-        )
+        self, cameras: Cameras, store: StylizedViewCache | None = None, chunk: int = 1 << 14
+    ) -> StyleSampleCache:
+        """:meth:`FrozenGeometryModel.build_sample_cache`, in a cache that can also hold the colour heads' inputs."""
+        self.sample_cache = StyleSampleCache(**vars(super().build_sample_cache(cameras, store, chunk)))
         return self.sample_cache
 
     @torch.no_grad()

@@ -6,6 +6,7 @@ or a text/audio style without the model it needs stops the run before anything i
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from nerfstudio.utils.rich_utils import CONSOLE
 
 from mmstyle_ns.distributed import broadcast_module
 from mmstyle_ns.fields.grid_field import replace_parameters
-from mmstyle_ns.models.mm_nerf import MMNeRFModel, MMNeRFModelConfig, StyleTargets, pending_styles
+from mmstyle_ns.models.mm_nerf import MMNeRFModel, MMNeRFModelConfig, StyleSet, StyleTargets
 from mmstyle_ns.pipelines.base import MMStylePipeline, MMStylePipelineConfig
 from mmstyle_ns.style.adain import AdaINConfig
 from mmstyle_ns.style.cache import StylizedViewCache, style_key_for
@@ -89,6 +90,19 @@ class MMNeRFPipelineConfig(MMStylePipelineConfig):
             raise StyleInputError("\n".join(problems))
 
 
+@dataclass(frozen=True)
+class _ModelWithStyles:
+    """The pipeline's ``config.model`` while nerfstudio's ``VanillaPipeline.__init__`` builds the model (it only
+    calls ``config.model.setup(scene_box=..., ...)``): the model configuration's ``setup`` with the styles added
+    to its keyword arguments, which nerfstudio's ``Model.__init__`` keeps in ``Model.kwargs``."""
+
+    config: MMNeRFModelConfig
+    styles: StyleSet
+
+    def setup(self, **kwargs: Any) -> MMNeRFModel:
+        return self.config.setup(styles=self.styles, **kwargs)
+
+
 class MMNeRFPipeline(MMStylePipeline):
     """Vanilla pipeline whose model has one head per style and a cached stylization stage."""
 
@@ -125,9 +139,11 @@ class MMNeRFPipeline(MMStylePipeline):
                 "[yellow]The style images are not available, so this run can be rendered but not trained or "
                 f"evaluated further: {str(error).splitlines()[0]}[/yellow]"
             )
-        # the model creates its heads while it is built, so that multi-device training wraps them too
-        with pending_styles(names, embeddings):
-            super().__init__(config, device, test_mode, world_size, local_rank, grad_scaler)
+        # the model is built with its styles, so that it creates their heads as it is built (see MMNeRFModel)
+        styles = StyleSet(tuple(names), embeddings)
+        building = dataclasses.replace(config, model=_ModelWithStyles(config.model, styles))
+        super().__init__(building, device, test_mode, world_size, local_rank, grad_scaler)
+        self.config = config  # the configuration as given (``building`` only differs in how it builds the model)
         assert isinstance(self.model, MMNeRFModel), "mm-nerf needs an MMNeRFModel"
         self.style_ready = False
         self.stylization_seconds = 0.0

@@ -1,0 +1,166 @@
+"""``ed-nerf`` (ED-NeRF) with tiny components: a latent field that follows the VAE, the refinement layer, DDS
+editing with and without masks, viewer outputs, and input errors before anything is written."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import short_run_config
+
+from mmstyle_ns.models.ed_nerf import EDNeRFModel
+from mmstyle_ns.pipelines.ed_nerf import EDNeRFPipeline
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _trainer(scene: Path, root: Path, guidance: Path, iterations: int, reconstruction: int) -> Any:
+    config = short_run_config("ed-nerf", scene, root, iterations=iterations, guidance_model=guidance)
+    config.pipeline.model.reconstruction_steps = reconstruction
+    trainer = config.setup(local_rank=0, world_size=1)
+    trainer.setup()
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def stage_one(tiny_scene: Path, tiny_guidance_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A run that stays in stage 1 (latent reconstruction) for its 30 steps."""
+    torch.manual_seed(0)
+    trainer = _trainer(tiny_scene, tmp_path_factory.mktemp("ed"), tiny_guidance_model, 30, 1000)
+    model = trainer.pipeline.model
+    initial = {k: v.detach().clone() for k, v in model.refinement.state_dict().items()}
+    camera, batch = trainer.pipeline.datamanager.next_train(0)
+    batch = trainer.pipeline._with_latent(batch, trainer.pipeline.train_latents)
+    with torch.no_grad():
+        before = model.get_loss_dict(model.guided_outputs(camera, batch, 0), batch)["latent_loss"]
+    trainer.train()
+    with torch.no_grad():
+        after = model.get_loss_dict(model.guided_outputs(camera, batch, 0), batch)["latent_loss"]
+    return trainer, initial, float(before), float(after)
+
+
+def test_latent_field_follows_the_backbones_vae(stage_one: Any) -> None:
+    trainer, _, _, _ = stage_one
+    pipeline = trainer.pipeline
+    assert isinstance(pipeline, EDNeRFPipeline)
+    model = pipeline.model
+    assert isinstance(model, EDNeRFModel)
+    backbone = pipeline.backbone
+    assert model.field.out_channels == backbone.latent_channels and model.field.activation == "none"
+    assert model.refinement.config.channels == backbone.latent_channels
+    with torch.no_grad():
+        white = backbone.encode_images(torch.ones(1, 3, 32, 32)).mean(dim=(0, 2, 3))
+    torch.testing.assert_close(model.background_latent, white, rtol=0, atol=1e-5)
+    dataset = pipeline.datamanager.train_dataset
+    assert pipeline.train_latents is not None
+    assert pipeline.train_latents.shape == (len(dataset), backbone.latent_channels, 4, 4)  # 32 px / 8
+    camera, batch = pipeline.datamanager.next_train(0)
+    out = model.guided_outputs(camera, pipeline._with_latent(batch, pipeline.train_latents), 0)
+    assert out["latent"].shape == (1, backbone.latent_channels, 4, 4) and out["latent"].requires_grad
+
+
+def test_stage_one_fits_the_latents_and_trains_the_refinement_layer(stage_one: Any) -> None:
+    """The refinement layer starts as the identity (zero output convolution) and is trained with the field."""
+    trainer, initial, before, after = stage_one
+    model = trainer.pipeline.model
+    assert float(initial["conv_out.weight"].abs().max()) == 0.0
+    assert not torch.equal(model.refinement.state_dict()["conv_out.weight"], initial["conv_out.weight"])
+    assert after < 0.85 * before, (before, after)
+    assert not model.guided_stage
+
+
+def _guided(trainer: Any, source: str, target: str) -> tuple[EDNeRFModel, Any, dict[str, Any]]:
+    pipeline = trainer.pipeline
+    model = pipeline.model
+    model.config.source_prompt, model.config.target_prompt = source, target
+    model.start_guided_stage()
+    camera, batch = pipeline.datamanager.next_train(1)
+    return model, camera, pipeline._with_latent(batch, pipeline.train_latents)
+
+
+def test_equal_prompts_on_an_unchanged_scene_give_no_edit(stage_one: Any) -> None:
+    """DDS with the source prompt as target, on a render equal to its source latent: no gradient at all."""
+    trainer, _, _, _ = stage_one
+    model, camera, batch = _guided(trainer, "a red cube on grass", "a red cube on grass")
+    model.zero_grad(set_to_none=True)
+    outputs = model.guided_outputs(camera, batch, 0)
+    batch["latent_target"] = outputs["latent"].detach().clone()
+    losses = model.get_loss_dict(outputs, batch)
+    assert set(losses) == {"score_loss"}
+    torch.stack(list(losses.values())).sum().backward()
+    grad = model.field.feature_grid.grad
+    assert grad is None or float(grad.abs().max()) == 0.0
+    # another target prompt does move the scene
+    model.zero_grad(set_to_none=True)
+    model.config.target_prompt = "a blue cube on grass"
+    outputs = model.guided_outputs(camera, batch, 0)
+    model.get_loss_dict(outputs, batch)["score_loss"].backward()
+    assert model.field.feature_grid.grad is not None and float(model.field.feature_grid.grad.abs().max()) > 0
+
+
+def test_masked_edit_leaves_pixels_outside_the_mask_to_reconstruction(stage_one: Any) -> None:
+    trainer, _, _, _ = stage_one
+    model, camera, batch = _guided(trainer, "a red cube on grass", "a blue cube on grass")
+    height, width = batch["image"].shape[:2]
+    mask = torch.zeros(height, width, 1, dtype=torch.bool)
+    mask[:, : width // 2] = True  # the left half may change
+    batch["mask"] = mask
+    outputs = model.guided_outputs(camera, batch, 0)
+    latent = outputs["latent"]
+    latent.retain_grad()
+    losses = model.get_loss_dict(outputs, batch)
+    assert set(losses) == {"score_loss", "masked_reconstruction"}
+    (score_grad,) = torch.autograd.grad(losses["score_loss"], latent, retain_graph=True)
+    right = score_grad[..., latent.shape[-1] // 2 :]
+    assert float(right.abs().max()) == 0.0 and float(score_grad.abs().max()) > 0
+    (recon_grad,) = torch.autograd.grad(losses["masked_reconstruction"], latent)
+    assert float(recon_grad[..., : latent.shape[-1] // 2].abs().max()) == 0.0
+
+
+def test_viewer_outputs_are_decoded_rgb_at_full_resolution(stage_one: Any) -> None:
+    trainer, _, _, _ = stage_one
+    model = trainer.pipeline.model
+    camera = trainer.pipeline.datamanager.eval_dataset.cameras[0:1]
+    model.eval()  # no sampler jitter
+    outputs = model.get_outputs_for_camera(camera)
+    with torch.no_grad():
+        views = model.latent_views(camera)
+        expected = trainer.pipeline.backbone.decode_latents(views["refined"])[0].permute(1, 2, 0)
+    model.train()
+    h, w = int(camera.height), int(camera.width)
+    assert outputs["rgb"].shape == (h, w, 3) and float(outputs["rgb"].min()) >= 0 and float(outputs["rgb"].max()) <= 1
+    assert outputs["latent"].shape == (h, w, 3) and outputs["depth"].shape == (h, w, 1)
+    torch.testing.assert_close(outputs["rgb"], expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("problem", ["model-path", "source-prompt", "target-prompt", "missing-folder"])
+def test_bad_inputs_fail_before_anything_is_written(
+    problem: str, tiny_scene: Path, tiny_guidance_model: Path, tmp_path: Path
+) -> None:
+    from nerfstudio.scripts.train import main
+
+    config = short_run_config("ed-nerf", tiny_scene, tmp_path, guidance_model=tiny_guidance_model)
+    expected = {
+        "model-path": "--pipeline.guidance.model-path <a Stable Diffusion folder",
+        "source-prompt": '--pipeline.model.source-prompt "..."',
+        "target-prompt": '--pipeline.model.target-prompt "..."',
+        "missing-folder": "is neither a folder nor a hub id",
+    }[problem]
+    if problem == "model-path":
+        config.pipeline.guidance.model_path = None
+    elif problem == "missing-folder":
+        config.pipeline.guidance.model_path = str(tmp_path / "no-such-model")
+    else:
+        setattr(config.pipeline.model, problem.replace("-", "_"), "  ")
+    with pytest.raises(ValueError, match=expected.replace("(", r"\(")):
+        main(config)
+    assert not (tmp_path / "runs").exists()
