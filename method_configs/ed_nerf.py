@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from mmstyle_ns.method_configs.base import base_trainer_config  # pyright: ignore[reportMissingImports]
-from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatamanagerConfig
 from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
 from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
 from nerfstudio.engine.trainer import TrainerConfig
 from nerfstudio.plugins.types import MethodSpecification
 
+from mmstyle_ns.data.datamanagers import GuidedDataManagerConfig
 from mmstyle_ns.models.ed_nerf import EDNeRFModelConfig
 from mmstyle_ns.optim import FusedAdamOptimizerConfig
 from mmstyle_ns.pipelines.ed_nerf import EDNeRFPipelineConfig
@@ -26,7 +26,7 @@ def ed_nerf_trainer_config(
     config.method_name = "ed-nerf"
     config.steps_per_eval_image = 250
     config.pipeline = EDNeRFPipelineConfig(
-        datamanager=FullImageDatamanagerConfig(dataparser=NerfstudioDataParserConfig(), cache_images="gpu"),
+        datamanager=GuidedDataManagerConfig(dataparser=NerfstudioDataParserConfig()),
         model=EDNeRFModelConfig(
             reconstruction_steps=reconstruction_steps,
             grid_resolutions=(32, 96, 160),

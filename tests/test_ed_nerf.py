@@ -33,19 +33,28 @@ def _trainer(scene: Path, root: Path, guidance: Path, iterations: int, reconstru
 
 @pytest.fixture(scope="module")
 def stage_one(tiny_scene: Path, tiny_guidance_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """A run that stays in stage 1 (latent reconstruction) for its 30 steps."""
+    """A run that stays in stage 1 (latent reconstruction) for its 150 steps (16 rays each)."""
     torch.manual_seed(0)
-    trainer = _trainer(tiny_scene, tmp_path_factory.mktemp("ed"), tiny_guidance_model, 30, 1000)
+    trainer = _trainer(tiny_scene, tmp_path_factory.mktemp("ed"), tiny_guidance_model, 150, 1000)
     model = trainer.pipeline.model
     initial = {k: v.detach().clone() for k, v in model.refinement.state_dict().items()}
-    camera, batch = trainer.pipeline.datamanager.next_train(0)
-    batch = trainer.pipeline._with_latent(batch, trainer.pipeline.train_latents)
-    with torch.no_grad():
-        before = model.get_loss_dict(model.guided_outputs(camera, batch, 0), batch)["latent_loss"]
+    before = _mean_latent_error(trainer.pipeline)
     trainer.train()
-    with torch.no_grad():
-        after = model.get_loss_dict(model.guided_outputs(camera, batch, 0), batch)["latent_loss"]
-    return trainer, initial, float(before), float(after)
+    return trainer, initial, before, _mean_latent_error(trainer.pipeline)
+
+
+@torch.no_grad()
+def _mean_latent_error(pipeline: Any) -> float:
+    """Mean squared error of the refined latent renders of every training view (eval mode: no jitter)."""
+    model, latents = pipeline.model, pipeline.train_latents
+    cameras = pipeline.datamanager.train_dataset.cameras
+    model.eval()
+    errors = [
+        float(((model.latent_views(cameras[i : i + 1])["refined"] - latents[i]) ** 2).mean())
+        for i in range(len(latents))
+    ]
+    model.train()
+    return sum(errors) / len(errors)
 
 
 def test_latent_field_follows_the_backbones_vae(stage_one: Any) -> None:
@@ -74,7 +83,7 @@ def test_stage_one_fits_the_latents_and_trains_the_refinement_layer(stage_one: A
     model = trainer.pipeline.model
     assert float(initial["conv_out.weight"].abs().max()) == 0.0
     assert not torch.equal(model.refinement.state_dict()["conv_out.weight"], initial["conv_out.weight"])
-    assert after < 0.85 * before, (before, after)
+    assert after < 0.7 * before, (before, after)
     assert not model.guided_stage
 
 

@@ -3,8 +3,9 @@ datamanager, VAE latents of the training views cached on disk.
 
 * The ``DiffusionBackbone`` (``guidance``, on its own device if configured) is built before the model and passed
   to its constructor (:class:`~mmstyle_ns.models.guided.GuidedModel` reads it from nerfstudio's ``Model.kwargs``).
-* The datamanager is nerfstudio's ``FullImageDatamanager`` contract: ``next_train`` yields a camera and its image;
-  the model renders that camera (:meth:`~mmstyle_ns.models.guided.GuidedModel.guided_outputs`).
+* The datamanager (:class:`~mmstyle_ns.data.datamanagers.GuidedDataManager`) keeps nerfstudio's
+  ``FullImageDatamanager`` contract: ``next_train`` yields cameras and their images (a view, a patch, a k x k view
+  set or a mirrored pair); the model renders them (:meth:`~mmstyle_ns.models.guided.GuidedModel.guided_outputs`).
 * Every training and evaluation view is encoded once by the backbone's VAE (``latent_target`` of the batch),
   stored under ``cache_dir`` keyed by the VAE's contents and the image's pixels.
 """
@@ -17,9 +18,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatamanagerConfig
 from nerfstudio.utils.rich_utils import CONSOLE
 
+from mmstyle_ns.data.datamanagers import GuidedDataManagerConfig
 from mmstyle_ns.guidance.backbone import DiffusionBackboneConfig
 from mmstyle_ns.pipelines.base import MMStylePipeline, MMStylePipelineConfig
 
@@ -29,9 +30,8 @@ class GuidedPipelineConfig(MMStylePipelineConfig):
     """A pipeline whose model is guided by a frozen 2-D diffusion model."""
 
     _target: type = field(default_factory=lambda: GuidedPipeline)
-    datamanager: Any = field(default_factory=lambda: FullImageDatamanagerConfig(cache_images="gpu"))
-    """Whole training views, one per step (nerfstudio's image datamanager; its cache_images "gpu" means the
-    training device, which also works without a GPU, whereas "cpu" pins memory and needs one)."""
+    datamanager: Any = field(default_factory=GuidedDataManagerConfig)
+    """What a step trains on: whole views (default), patches, k x k view sets or mirrored pairs."""
     guidance: DiffusionBackboneConfig = field(
         default_factory=lambda: DiffusionBackboneConfig(flag_prefix="--pipeline.guidance")
     )
