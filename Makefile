@@ -8,6 +8,7 @@ DATA ?= data/object360
 OUT ?= outputs
 DEMO_STEPS ?= 600
 DEMO_STYLE_STEPS ?= 900
+METHOD ?= mm-nerf
 
 # Passive OpenMP waiting keeps element-wise ops fast when another process shares the cores.
 export OMP_WAIT_POLICY ?= PASSIVE
@@ -27,7 +28,11 @@ $(STAMP): pyproject.toml constraints.txt
 env: $(STAMP)
 
 demo: env
+ifeq ($(METHOD),ed-nerf)
+	$(BIN)/mmstyle-demo --method ed-nerf --data data/toy --output-dir $(OUT)
+else
 	$(BIN)/mmstyle-demo --data $(DATA) --output-dir $(OUT) --steps $(DEMO_STEPS) --stylization-steps $(DEMO_STYLE_STEPS)
+endif
 
 lint: env
 	$(BIN)/ruff check .

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import short_run_config
+from nerfstudio.cameras.cameras import Cameras
 
 from mmstyle_ns.models.ed_nerf import EDNeRFModel
 from mmstyle_ns.pipelines.ed_nerf import EDNeRFPipeline
@@ -70,9 +71,10 @@ def test_latent_field_follows_the_backbones_vae(stage_one: Any) -> None:
         white = backbone.encode_images(torch.ones(1, 3, 32, 32)).mean(dim=(0, 2, 3))
     torch.testing.assert_close(model.background_latent, white, rtol=0, atol=1e-5)
     dataset = pipeline.datamanager.train_dataset
-    assert pipeline.train_latents is not None
+    assert pipeline.train_latents is not None and dataset is not None
     assert pipeline.train_latents.shape == (len(dataset), backbone.latent_channels, 4, 4)  # 32 px / 8
     camera, batch = pipeline.datamanager.next_train(0)
+    assert isinstance(camera, Cameras)
     out = model.guided_outputs(camera, pipeline._with_latent(batch, pipeline.train_latents), 0)
     assert out["latent"].shape == (1, backbone.latent_channels, 4, 4) and out["latent"].requires_grad
 

@@ -466,11 +466,12 @@ def _prepare_dir(out_dir: Path) -> None:
     """Creates the dataset folders and removes frames left over from an earlier dataset there."""
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"output path {out_dir} exists and is not a directory")
-    for sub in ("images", "depths"):
+    for sub in ("images", "depths", "masks"):
         folder = out_dir / sub
         if folder.exists() and not folder.is_dir():
             raise FileExistsError(f"{folder} exists and is not a directory")
-        folder.mkdir(parents=True, exist_ok=True)
+        if sub != "masks":
+            folder.mkdir(parents=True, exist_ok=True)
         for old in folder.glob("frame_*.png"):
             old.unlink()
 
@@ -486,6 +487,7 @@ def generate_scene(
     specular: bool = True,
     portrait: str = "grace_hopper",
     caption: str | None = None,
+    masks: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> Path:
     """Renders a scene and writes it as a nerfstudio dataset.
@@ -506,6 +508,10 @@ def generate_scene(
         portrait: Portrait of the ``head`` kind.
         caption: Toy-world photo caption of the ``toy`` kind (required there, None for the other kinds), e.g.
             ``"a red cube on a wooden floor"``; recorded in ``scene.json``.
+        masks: Also write the objects' masks (every primitive but the first, the ground or wall) as nerfstudio's
+            per-frame ``mask_path`` (``masks/frame_XXXXX.png``, 255 on the objects): the region an editing method
+            (ed-nerf) may change. nerfstudio's ray-based methods train only on masked pixels, so leave it off for
+            reconstruction-only datasets.
         log: Optional callback for progress messages.
 
     Returns:
@@ -527,13 +533,19 @@ def generate_scene(
         Image.fromarray((rgba * 255.0 + 0.5).astype(np.uint8), mode="RGBA").save(out_dir / "images" / name)
         depth_mm = np.clip(np.round(depth.astype(np.float64) / DEPTH_UNIT), 0, 65535).astype(np.uint16)
         Image.fromarray(depth_mm).save(out_dir / "depths" / name)
-        frames.append(
-            {
-                "file_path": f"images/{name}",
-                "transform_matrix": [[float(x) for x in row] for row in c2w],
-                "depth_file_path": f"depths/{name}",
-            }
-        )
+        frame = {
+            "file_path": f"images/{name}",
+            "transform_matrix": [[float(x) for x in row] for row in c2w],
+            "depth_file_path": f"depths/{name}",
+        }
+        if masks:
+            origins, directions, _ = cam.camera_rays(c2w, k, resolution, resolution, 1)
+            _, index, _ = rt.intersect(setup.scene, origins, directions)
+            (out_dir / "masks").mkdir(exist_ok=True)
+            object_mask = (index.reshape(resolution, resolution) > 0).astype(np.uint8) * 255
+            Image.fromarray(object_mask).save(out_dir / "masks" / name)
+            frame["mask_path"] = f"masks/{name}"
+        frames.append(frame)
         if log is not None and (i + 1) % 25 == 0:
             log(f"rendered {i + 1}/{num_views} views ({time.perf_counter() - start:.1f} s)")
     train, held_out = split_indices(num_views, eval_every)

@@ -52,7 +52,13 @@ class EDNeRFModelConfig(GuidedModelConfig):
     score_mult: float = 1.0
     """Weight of the score rule's loss in stage 2."""
     masked_reconstruction_mult: float = 1.0
-    """Weight of the stage-1 reconstruction loss outside the mask during editing (only with masks)."""
+    """Weight of the reconstruction loss outside the mask during editing (only with masks):
+    ``0.5 * sum_outside ||R(z) - E(x)||^2`` per view, so that its gradient per latent is on the scale of the score's."""
+    edit_refinement: bool = False
+    """Also train the refinement layer during the edit. Off by default: the layer acts on the whole image, so a
+    masked edit that changes it repaints the unmasked parts too; the edit then goes through the field alone."""
+    use_masks: bool = True
+    """Edit only inside the dataset's per-frame masks (nerfstudio's mask_path) when it has them."""
 
 
 class EDNeRFModel(GuidedModel):
@@ -124,7 +130,7 @@ class EDNeRFModel(GuidedModel):
 
     def _mask(self, batch: dict[str, Any], like: Tensor) -> Tensor | None:
         mask = batch.get("mask")
-        if mask is None:
+        if mask is None or not self.config.use_masks:
             return None
         m = mask.to(like).reshape(1, 1, *mask.shape[:2]).float()
         return F.interpolate(m, size=like.shape[-2:], mode="area")  # [1, 1, h, w] share of masked pixels

@@ -1,4 +1,6 @@
-"""``mmstyle-demo``: the project's main job on the embedded scene, with the same commands a user types.
+"""``mmstyle-demo``: the project's main jobs on embedded scenes, with the same commands a user types.
+
+``--method mm-nerf`` (the default):
 
 1. ``mmstyle-scene`` writes the embedded 360° scene;
 2. ``ns-train mm-nerf`` reconstructs it and stylizes it with three styles (images shipped with scikit-image) in
@@ -6,6 +8,16 @@
 3. ``mmstyle-camera-path`` fits a turntable to the training cameras;
 4. ``ns-render camera-path`` renders one turntable video per style (and one of the unstylized scene);
 5. ``mmstyle-mm-eval`` measures consistency and style match and writes a contact sheet (rows: styles).
+
+``--method ed-nerf``:
+
+1. ``mmstyle-scene --kind toy --masks`` writes a scene of the toy teacher's world with object masks;
+2. ``ns-train ed-nerf`` fits the latent field and refinement layer (stage 1), once more without the refinement
+   layer (the paper's ablation);
+3. ``ns-train ed-nerf --load-dir <stage 1>`` edits the object's colour with DDS inside the masks, for several
+   target colours, and once each unmasked and with SDS instead of DDS;
+4. ``ns-render`` renders a turntable of the first edit and ``mmstyle-ed-eval`` writes the figures and a contact
+   sheet (rows: images, VAE round trip, stage 1, each edit).
 """
 
 from __future__ import annotations
@@ -16,6 +28,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import tyro
 
@@ -41,8 +54,10 @@ DEMO_STYLES = ("builtin:coffee", "builtin:hubble_deep_field", "builtin:chelsea")
 
 @dataclass
 class DemoArgs:
-    """Generate the embedded scene, train mm-nerf with three styles, render a video per style, evaluate."""
+    """Generate an embedded scene, train a method on it, render videos, evaluate (mm-nerf or ed-nerf)."""
 
+    method: Literal["mm-nerf", "ed-nerf"] = "mm-nerf"
+    """Which method's demo to run."""
     data: Path = Path("data/object360")
     """Where the embedded scene is written."""
     output_dir: Path = Path("outputs")
@@ -59,10 +74,70 @@ class DemoArgs:
     """Image size of the embedded scene."""
     num_views: int = 100
     """Views of the embedded scene."""
+    toy_caption: str = "a red cube on a wooden floor"
+    """ed-nerf: the toy scene (its caption is the edit's source prompt)."""
+    edit_colours: tuple[str, ...] = ("blue", "green", "yellow", "purple", "orange", "white")
+    """ed-nerf: the target colours of the masked DDS edits (the first is also edited unmasked and with SDS)."""
+    stage1_steps: int = 1500
+    """ed-nerf: steps of stage 1 (latent reconstruction); each whole view is only (resolution / 8)^2 rays."""
+    edit_steps: int = 200
+    """ed-nerf: steps of each edit."""
+    guidance_model: Path = Path("examples/toy-teacher")
+    """ed-nerf: the diffusion model."""
+
+
+def ed_nerf_demo(args: DemoArgs) -> list[Path]:
+    """The ed-nerf demo (see the module docstring); returns the path of the video."""
+    from mmstyle_ns.teacher.vocab import COLOURS, parse_caption
+
+    source = parse_caption(args.toy_caption)
+    data = args.data if args.data != Path("data/object360") else Path("data/toy")
+    start = time.perf_counter()
+    _run([_bin("mmstyle-scene"), "--kind", "toy", "--caption", args.toy_caption, "--masks", "--out", str(data),
+          "--resolution", str(args.resolution), "--num-views", str(min(args.num_views, 60))])  # fmt: skip
+    runs = args.output_dir / data.name / "ed-nerf"
+
+    def train(timestamp: str, steps: int, target: str, *extra: str) -> Path:
+        _run([_bin("ns-train"), "ed-nerf", "--data", str(data), "--output-dir", str(args.output_dir),
+              "--timestamp", timestamp, "--max-num-iterations", str(steps), "--vis", "tensorboard",
+              "--pipeline.model.reconstruction-steps", str(args.stage1_steps),
+              "--pipeline.guidance.model-path", str(args.guidance_model),
+              "--pipeline.model.source-prompt", args.toy_caption, "--pipeline.model.target-prompt", target,
+              *extra])  # fmt: skip
+        return runs / timestamp / "config.yml"
+
+    def prompt(colour: str) -> str:
+        return args.toy_caption.replace(f" {source.colour} ", f" {colour} ", 1)
+
+    stage1 = train("stage1", args.stage1_steps, args.toy_caption)
+    no_refinement = ("--pipeline.model.use-refinement", "False")
+    ablation = train("stage1-no-refinement", args.stage1_steps, args.toy_caption, *no_refinement)
+    load = ["--load-dir", str(stage1.parent / "nerfstudio_models")]
+    total = args.edit_steps  # nerfstudio counts --max-num-iterations from the loaded checkpoint's step
+    colours = [c for c in args.edit_colours if c in COLOURS and c != source.colour]
+    edits = [train(f"dds-{c}", total, prompt(c), *load) for c in colours]
+    edits.append(
+        train(f"dds-unmasked-{colours[0]}", total, prompt(colours[0]), *load, "--pipeline.model.use-masks", "False")
+    )
+    edits.append(train(f"sds-{colours[0]}", total, prompt(colours[0]), *load, "pipeline.model.rule:sds"))
+    camera_path = args.render_dir / "ed_nerf_turntable.json"
+    _run([_bin("mmstyle-camera-path"), "--load-config", str(edits[0]), "--output", str(camera_path)])
+    video = args.render_dir / f"ed_nerf_{colours[0]}.mp4"
+    _run([_bin("ns-render"), "camera-path", "--load-config", str(edits[0]), "--camera-path-filename",
+          str(camera_path), "--rendered-output-names", "rgb", "--output-path", str(video)])  # fmt: skip
+    _run([_bin("mmstyle-ed-eval"), "--source-config", str(stage1), "--ablation-config", str(ablation),
+          "--edited-configs", *map(str, edits), "--output-dir", str(args.render_dir / "ed_nerf_eval")])  # fmt: skip
+    print(
+        f"ed-nerf demo done in {time.perf_counter() - start:.0f} s: video {video}; contact sheet "
+        f"{args.render_dir / 'ed_nerf_eval' / 'contact_sheet.png'}; runs {runs}"
+    )
+    return [video]
 
 
 def main(args: DemoArgs) -> list[Path]:
     """Runs the demo; returns the paths of the videos."""
+    if args.method == "ed-nerf":
+        return ed_nerf_demo(args)
     from mmstyle_ns.style.sources import parse_style_specs
 
     names = [source.name for source in parse_style_specs(args.styles)]

@@ -51,6 +51,10 @@ class SceneCommand:
     Grammar: (a|an|two|three) [shiny] <colour> <shape>[s] on <ground>.
     Colours: red, orange, yellow, green, blue, purple, white, black. Shapes: sphere, cube, cylinder.
     Grounds: "a wooden floor", grass, stone, "a plain floor". No style prefix ("a painting of ..."): photos only."""
+    masks: bool = False
+    """Also write the objects' masks as nerfstudio's per-frame mask_path (masks/frame_XXXXX.png): the region an
+    editing method (ed-nerf) changes. Leave off for datasets that ray-based methods reconstruct (nerfstudio trains
+    them on masked pixels only)."""
 
 
 def main(config: SceneCommand) -> Path:
@@ -81,6 +85,7 @@ def main(config: SceneCommand) -> Path:
         specular=config.specular,
         portrait=config.portrait,
         caption=config.caption,
+        masks=config.masks,
         log=lambda msg: print(f"  {msg}", flush=True),
     )
     elapsed = time.perf_counter() - start
