@@ -3,6 +3,7 @@ editing with and without masks, viewer outputs, and input errors before anything
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -175,3 +176,46 @@ def test_bad_inputs_fail_before_anything_is_written(
     with pytest.raises(ValueError, match=expected.replace("(", r"\(")):
         main(config)
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_edit_changes_latent_colours_only(stage_one: Any) -> None:
+    """In the guided stage the density and the refinement layer are fixed (edit_refinement off): the score's
+    gradient reaches the feature grid alone."""
+    trainer, _, _, _ = stage_one
+    model, camera, batch = _guided(trainer, "a red cube on grass", "a blue cube on grass")
+    assert not model.field.density_grid.requires_grad
+    assert not any(p.requires_grad for p in model.refinement.parameters())
+    model.zero_grad(set_to_none=True)
+    model.get_loss_dict(model.guided_outputs(camera, batch, 0), batch)["score_loss"].backward()
+    assert model.field.density_grid.grad is None
+    assert all(p.grad is None for p in model.refinement.parameters())
+    assert model.field.feature_grid.grad is not None and float(model.field.feature_grid.grad.abs().max()) > 0
+
+
+def test_a_run_that_edits_from_its_first_step_freezes_the_geometry(
+    tiny_scene: Path, tiny_guidance_model: Path, tmp_path: Path
+) -> None:
+    trainer = _trainer(tiny_scene, tmp_path, tiny_guidance_model, 3, 0)
+    model = trainer.pipeline.model
+    assert not model.guided_stage and model.field.density_grid.requires_grad
+    trainer.train()  # the first step's callbacks carve empty space, then switch to the edit before any update
+    assert model.guided_stage and not model.field.density_grid.requires_grad
+    assert model.field.density_grid.grad is None and model.field.feature_grid.grad is not None
+
+
+def test_latent_camera_matches_the_vae_input_size(stage_one: Any) -> None:
+    """Images whose sides are not multiples of 8 are encoded at the nearest multiple; the latent camera renders
+    exactly that latent size, intrinsics scaled per axis."""
+    from mmstyle_ns.data.latents import vae_input_size
+
+    trainer, _, _, _ = stage_one
+    model = trainer.pipeline.model
+    camera = copy.deepcopy(trainer.pipeline.datamanager.train_dataset.cameras[0:1])
+    camera.rescale_output_resolution(100 / 32, scale_rounding_mode="round")  # 100 x 100 pixels
+    assert (int(camera.height), int(camera.width)) == (100, 100)
+    scaled = model.latent_camera(camera)
+    h, w = (side // 8 for side in vae_input_size(100, 100, 8))
+    assert (int(scaled.height), int(scaled.width)) == (h, w) == (13, 13)
+    torch.testing.assert_close(scaled.fx, camera.fx * 13 / 100)
+    torch.testing.assert_close(scaled.cy, camera.cy * 13 / 100)
+    assert model.latent_views(camera)["refined"].shape[-2:] == (13, 13)

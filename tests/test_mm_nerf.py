@@ -927,7 +927,6 @@ def test_clip_embedding_puts_image_and_text_styles_in_one_space(tiny_scene: Path
     assert report["clip"]["model"] == "toy-clip"
     agreement = report["clip"]["modality_agreement"]
     assert agreement["styles"] == ["red", "blue"] and agreement["matched"] > agreement["unrelated"]
-    for name in model.style_names:
-        match = report["styles"][name]["clip_style_match"]
-        assert -1.0 <= match["unstylized"] <= 1.0 and -1.0 <= match["stylized"] <= 1.0
-    assert report["styles"]["red"]["clip_text_similarity"]["prompt"] == prepared["red"].prompt
+    assert all("clip_style_match" in report["styles"][name] for name in model.style_names)
+    similarity = report["styles"]["red"]["clip_text_similarity"]
+    assert similarity["prompt"] == prepared["red"].prompt and "clip_text_similarity" not in report["styles"]["coffee"]

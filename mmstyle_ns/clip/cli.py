@@ -39,6 +39,7 @@ def entrypoint() -> None:
     )
     from mmstyle_ns.clip.evaluate import evaluate_clip, format_report
     from mmstyle_ns.clip.loader import ClipLoadError
+    from mmstyle_ns.guidance.checks import GuidanceModelError
 
     try:
         if isinstance(config, ClipTrainCommand):
@@ -53,7 +54,7 @@ def entrypoint() -> None:
         report = evaluate_clip(config)
         print(format_report(report))
         print(f"Wrote {config.output / 'report.json'} and {config.output / 'sheet.png'}")
-    except (ClipLoadError, FileNotFoundError, ValueError) as err:
+    except (ClipLoadError, GuidanceModelError, FileNotFoundError, ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

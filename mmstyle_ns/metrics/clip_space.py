@@ -148,6 +148,6 @@ def modality_agreement(texts: Float[Tensor, "S D"], images: Float[Tensor, "S D"]
     if len(texts) < 2:
         raise ValueError("modality_agreement needs at least two text/image pairs (unrelated pairs are the others)")
     sims = images.float() @ texts.float().T  # [S images, S texts]
-    eye = torch.eye(len(texts), dtype=torch.bool)
-    retrieval = float((sims.argmax(dim=1) == torch.arange(len(texts))).float().mean())
+    eye = torch.eye(len(texts), dtype=torch.bool, device=sims.device)
+    retrieval = float((sims.argmax(dim=1) == torch.arange(len(texts), device=sims.device)).float().mean())
     return ModalityAgreement(float(sims[eye].mean()), float(sims[~eye].mean()), retrieval)

@@ -351,6 +351,9 @@ class MMStyleBaseModel(Model):
             camera = copy.deepcopy(camera)
             camera.rescale_output_resolution(scale)
         bundle = camera.to(self.device).generate_rays(camera_indices=0, keep_shape=True)  # [H, W]
+        index = (camera.metadata or {}).get("cam_idx")
+        if index is not None and bundle.camera_indices is not None:  # a training view: its own pose refinement
+            bundle.camera_indices = torch.full_like(bundle.camera_indices, int(index))
         if patch is not None:
             top, left, height, width = patch
             full_h, full_w = bundle.shape

@@ -18,11 +18,13 @@ Diffusion's latent space edited with Delta Denoising Score.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+import tyro
 from nerfstudio.cameras.cameras import Cameras
 from torch import Tensor
 from torch.nn import Parameter
@@ -37,6 +39,10 @@ class EDNeRFModelConfig(GuidedModelConfig):
     """ED-NeRF: latent field, refinement layer, DDS editing."""
 
     _target: type = field(default_factory=lambda: EDNeRFModel)
+    # RGB options of the base model that a latent field does not use (its background is the latent of white).
+    background_color: tyro.conf.Suppress[Literal["black", "white"]] = "white"
+    random_background_training: tyro.conf.Suppress[bool] = False
+    compute_lpips: tyro.conf.Suppress[bool] = False
     refinement: RefinementLayerConfig = field(
         default_factory=lambda: RefinementLayerConfig(hidden_channels=32, num_res_blocks=2, num_groups=8)
     )
@@ -95,15 +101,38 @@ class EDNeRFModel(GuidedModel):
         """The refinement layer over latent images ``[B, c, h, w]`` (or nothing, with use_refinement off)."""
         return self.refinement(latents) if self.config.use_refinement else latents
 
+    def latent_camera(self, camera: Cameras) -> Cameras:
+        """The camera at the latent size of its image: the VAE's input side is the nearest multiple of its
+        downsampling factor (:func:`~mmstyle_ns.data.latents.vae_input_size`), intrinsics scaled per axis."""
+        from mmstyle_ns.data.latents import vae_input_size
+
+        factor = int(self.backbone.vae_scale_factor)
+        height, width = int(camera.height.reshape(-1)[0]), int(camera.width.reshape(-1)[0])
+        vae_h, vae_w = vae_input_size(height, width, factor)
+        latent_h, latent_w = vae_h // factor, vae_w // factor
+        sx, sy = latent_w / width, latent_h / height
+        scaled = copy.deepcopy(camera)
+        scaled.fx, scaled.cx = scaled.fx * sx, scaled.cx * sx
+        scaled.fy, scaled.cy = scaled.fy * sy, scaled.cy * sy
+        scaled.width = torch.full_like(scaled.width, latent_w)
+        scaled.height = torch.full_like(scaled.height, latent_h)
+        return scaled
+
     def latent_views(self, camera: Cameras, patch: tuple[int, int, int, int] | None = None) -> dict[str, Tensor]:
         """Rendered and refined latent image ``[1, c, h, w]`` of a camera at latent resolution (with gradients)."""
-        out = self.render_camera(camera, scale=self.latent_scale, patch=patch)
+        out = self.render_camera(self.latent_camera(camera), patch=patch)
         raw = out["rgb"].permute(2, 0, 1)[None]  # [1, c, h, w]
-        return {"raw": raw, "refined": self.refine(raw), "accumulation": out["accumulation"], "depth": out["depth"]}
+        views = {"raw": raw, "refined": self.refine(raw), "accumulation": out["accumulation"], "depth": out["depth"]}
+        if "distortion_loss" in out:
+            views["distortion_loss"] = out["distortion_loss"]
+        return views
 
     def guided_outputs(self, camera: Cameras, batch: dict[str, Any], step: int) -> dict[str, Tensor]:
         views = self.latent_views(camera)
-        return {"latent_raw": views["raw"], "latent": views["refined"], "accumulation": views["accumulation"]}
+        outputs = {"latent_raw": views["raw"], "latent": views["refined"], "accumulation": views["accumulation"]}
+        if "distortion_loss" in views:
+            outputs["distortion_loss"] = views["distortion_loss"]
+        return outputs
 
     @torch.no_grad()
     def get_outputs_for_camera(self, camera: Cameras, obb_box: Any = None) -> dict[str, Tensor]:
@@ -151,6 +180,8 @@ class EDNeRFModel(GuidedModel):
         losses: dict[str, Tensor] = {}
         if not self.guided_stage:
             losses["latent_loss"] = F.mse_loss(latent, target)
+            if "distortion_loss" in outputs and self.config.distortion_loss_mult > 0:
+                losses["distortion_loss"] = self.config.distortion_loss_mult * outputs["distortion_loss"]
             if self.config.rgb_loss_mult > 0:
                 rgb = self.backbone.decode_latents(latent)
                 image = batch["image"][..., :3].to(rgb).permute(2, 0, 1)[None]
@@ -162,17 +193,18 @@ class EDNeRFModel(GuidedModel):
             target_text=self.config.target_prompt,
             source_text=self.config.source_prompt,
             source_latents=target,
-            mask=mask if mask is not None and getattr(self.config.rule, "use_mask", False) else None,
+            mask=mask,  # None without masks or with use_masks off; the rule may still ignore it (its own use_mask)
         )
         score = self.rule.loss(self.backbone, inputs, step=self.step, max_steps=None)
         losses["score_loss"] = self.config.score_mult * score.loss
         if mask is not None and self.config.masked_reconstruction_mult > 0:
-            outside = 1.0 - mask
-            error = (latent - target) ** 2 * outside
-            losses["masked_reconstruction"] = (
-                self.config.masked_reconstruction_mult * error.sum() / (outside.sum() * latent.shape[1]).clamp_min(1.0)
-            )
+            error = 0.5 * ((latent - target) ** 2 * (1.0 - mask)).sum() / latent.shape[0]
+            losses["masked_reconstruction"] = self.config.masked_reconstruction_mult * error
         return losses
+
+    def start_guided_stage(self) -> None:
+        super().start_guided_stage()
+        self.refinement.requires_grad_(self.config.edit_refinement)
 
     def get_image_metrics_and_images(
         self, outputs: dict[str, Tensor], batch: dict[str, Tensor]

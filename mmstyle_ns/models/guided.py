@@ -53,7 +53,8 @@ class GuidedModel(MMStyleBaseModel):
             raise ValueError(f"{type(self).__name__} needs the diffusion backbone: build it with a GuidedPipeline")
         super().populate_modules()
         self.rule: ScoreRule = self.config.rule.setup()
-        self.guided_stage = self.config.reconstruction_steps <= 0
+        self.guided_stage = False
+        """Set by :meth:`start_guided_stage` (from the stage callback, at the first guided step)."""
 
     def in_guided_stage(self, step: int) -> bool:
         """Whether ``step`` belongs to the guided stage."""

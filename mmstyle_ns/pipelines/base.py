@@ -40,3 +40,19 @@ class MMStylePipeline(VanillaPipeline):
         self.world_size = world_size
         self.datamanager.world_size = world_size  # type: ignore[attr-defined]
         broadcast_module(self.model)
+
+
+@dataclass(frozen=True)
+class ModelWithArguments:
+    """A pipeline's ``config.model`` while nerfstudio's ``VanillaPipeline.__init__`` builds the model (it only calls
+    ``config.model.setup(scene_box=..., ...)``): that configuration's ``setup`` with ``arguments`` added to the
+    keywords, which nerfstudio's ``Model.__init__`` keeps in ``Model.kwargs`` for ``populate_modules`` to read."""
+
+    config: Any
+    """The model configuration."""
+    arguments: dict[str, Any]
+    """What the model is built with besides nerfstudio's own arguments (e.g. styles, a diffusion backbone)."""
+
+    def setup(self, **kwargs: Any) -> Any:
+        """Builds the model with the extra arguments."""
+        return self.config.setup(**self.arguments, **kwargs)

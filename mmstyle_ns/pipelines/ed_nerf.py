@@ -20,6 +20,15 @@ class EDNeRFPipelineConfig(GuidedPipelineConfig):
     def check_inputs(self) -> None:
         """The diffusion model, and the edit's prompts (both for DDS, the target for the other rules)."""
         super().check_inputs()
+        from mmstyle_ns.data.datamanagers import GuidedDataManagerConfig, ViewSamplingConfig
+
+        datamanager = self.datamanager
+        if isinstance(datamanager, GuidedDataManagerConfig) and not isinstance(
+            datamanager.sampling, ViewSamplingConfig
+        ):
+            raise ValueError(
+                "ed-nerf trains on whole latent views: use --pipeline.datamanager.sampling view (the default)"
+            )
         model = self.model
         needed = ["target_prompt"] + (["source_prompt"] if isinstance(model.rule, DDSConfig) else [])
         missing = [name for name in needed if not getattr(model, name).strip()]

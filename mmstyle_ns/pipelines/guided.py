@@ -22,7 +22,7 @@ from nerfstudio.utils.rich_utils import CONSOLE
 
 from mmstyle_ns.data.datamanagers import GuidedDataManagerConfig
 from mmstyle_ns.guidance.backbone import DiffusionBackboneConfig
-from mmstyle_ns.pipelines.base import MMStylePipeline, MMStylePipelineConfig
+from mmstyle_ns.pipelines.base import MMStylePipeline, MMStylePipelineConfig, ModelWithArguments
 
 
 @dataclass
@@ -70,18 +70,6 @@ class GuidedPipelineConfig(MMStylePipelineConfig):
         return Path(data) / "mmstyle_cache"
 
 
-@dataclass(frozen=True)
-class _ModelWithBackbone:
-    """The pipeline's ``config.model`` while nerfstudio's ``VanillaPipeline.__init__`` builds the model: its
-    ``setup`` with the backbone added to the keyword arguments nerfstudio's ``Model.__init__`` keeps."""
-
-    config: Any
-    backbone: Any
-
-    def setup(self, **kwargs: Any) -> Any:
-        return self.config.setup(backbone=self.backbone, **kwargs)
-
-
 class GuidedPipeline(MMStylePipeline):
     """Builds the backbone once, encodes the views' latents once, and trains the model on whole views."""
 
@@ -98,7 +86,7 @@ class GuidedPipeline(MMStylePipeline):
     ) -> None:
         config.check_inputs()
         backbone = config.guidance.setup(device=device)
-        building = dataclasses.replace(config, model=_ModelWithBackbone(config.model, backbone))
+        building = dataclasses.replace(config, model=ModelWithArguments(config.model, {"backbone": backbone}))
         super().__init__(building, device, test_mode, world_size, local_rank, grad_scaler)
         self.config = config
         self.backbone = backbone
@@ -109,13 +97,16 @@ class GuidedPipeline(MMStylePipeline):
 
     def encode_views(self) -> None:
         """VAE latents of every training and evaluation view (read from the cache where present)."""
-        from mmstyle_ns.data.latents import LatentCache, encode_dataset
+        from mmstyle_ns.data.latents import LatentCache, encode_views
 
         cache = LatentCache(self.config.cache_root() / "latents")
         datamanager: Any = self.datamanager
-        self.train_latents = encode_dataset(self.backbone, datamanager.train_dataset, cache)
+        # the datamanager's cached images: undistorted as its cameras are (the dataset's raw images may not be)
+        train = [datamanager.cached_train[i]["image"] for i in range(len(datamanager.train_dataset))]
+        self.train_latents = encode_views(self.backbone, train, cache)
         if datamanager.eval_dataset is not None:
-            self.eval_latents = encode_dataset(self.backbone, datamanager.eval_dataset, cache)
+            evaluation = [datamanager.cached_eval[i]["image"] for i in range(len(datamanager.eval_dataset))]
+            self.eval_latents = encode_views(self.backbone, evaluation, cache)
         CONSOLE.print(f"VAE latents of {len(self.train_latents)} training views: {cache.hits} read, {cache.misses} new")
 
     def _with_latent(self, batch: dict[str, Any], latents: torch.Tensor | None) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from nerfstudio.utils.rich_utils import CONSOLE
 from mmstyle_ns.distributed import broadcast_module
 from mmstyle_ns.fields.grid_field import replace_parameters
 from mmstyle_ns.models.mm_nerf import MMNeRFModel, MMNeRFModelConfig, StyleSet, StyleTargets
-from mmstyle_ns.pipelines.base import MMStylePipeline, MMStylePipelineConfig
+from mmstyle_ns.pipelines.base import MMStylePipeline, MMStylePipelineConfig, ModelWithArguments
 from mmstyle_ns.style.adain import AdaINConfig
 from mmstyle_ns.style.cache import StylizedViewCache, style_key_for
 from mmstyle_ns.style.extractor import MultimodalStyleExtractor, PreparedStyle
@@ -90,19 +90,6 @@ class MMNeRFPipelineConfig(MMStylePipelineConfig):
             raise StyleInputError("\n".join(problems))
 
 
-@dataclass(frozen=True)
-class _ModelWithStyles:
-    """The pipeline's ``config.model`` while nerfstudio's ``VanillaPipeline.__init__`` builds the model (it only
-    calls ``config.model.setup(scene_box=..., ...)``): the model configuration's ``setup`` with the styles added
-    to its keyword arguments, which nerfstudio's ``Model.__init__`` keeps in ``Model.kwargs``."""
-
-    config: MMNeRFModelConfig
-    styles: StyleSet
-
-    def setup(self, **kwargs: Any) -> MMNeRFModel:
-        return self.config.setup(styles=self.styles, **kwargs)
-
-
 class MMNeRFPipeline(MMStylePipeline):
     """Vanilla pipeline whose model has one head per style and a cached stylization stage."""
 
@@ -141,7 +128,7 @@ class MMNeRFPipeline(MMStylePipeline):
             )
         # the model is built with its styles, so that it creates their heads as it is built (see MMNeRFModel)
         styles = StyleSet(tuple(names), embeddings)
-        building = dataclasses.replace(config, model=_ModelWithStyles(config.model, styles))
+        building = dataclasses.replace(config, model=ModelWithArguments(config.model, {"styles": styles}))
         super().__init__(building, device, test_mode, world_size, local_rank, grad_scaler)
         self.config = config  # the configuration as given (``building`` only differs in how it builds the model)
         assert isinstance(self.model, MMNeRFModel), "mm-nerf needs an MMNeRFModel"

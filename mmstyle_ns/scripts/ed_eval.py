@@ -17,6 +17,7 @@ edited run) to ``--output-dir``.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,8 +90,9 @@ def _images_and_masks(pipeline: Any) -> tuple[np.ndarray, np.ndarray | None, np.
         if "mask" in data:
             masks.append(data["mask"][..., 0].numpy().astype(bool))
     latents = pipeline.eval_latents
-    with torch.no_grad():
-        round_trip = pipeline.backbone.decode_latents(latents).permute(0, 2, 3, 1).cpu().numpy()
+    with torch.no_grad():  # in small batches (a GPU holds a few decodes of large views at a time)
+        decoded = [pipeline.backbone.decode_latents(latents[i : i + 4]) for i in range(0, len(latents), 4)]
+        round_trip = torch.cat(decoded).permute(0, 2, 3, 1).cpu().numpy()
     return np.stack(images), (np.stack(masks) if masks else None), round_trip
 
 
@@ -100,6 +102,14 @@ def main(args: EDEvalArgs) -> dict[str, Any]:
     from mmstyle_ns.teacher.checker import classify_colour
     from mmstyle_ns.teacher.vocab import COLOURS
 
+    for config in (args.source_config, *args.edited_configs, *([args.ablation_config] if args.ablation_config else [])):
+        if not config.is_file():
+            raise ValueError(f"{config} does not exist: pass the config.yml of an ed-nerf run")
+    clip = None
+    if args.clip_checkpoint is not None and args.edited_configs:  # checked (and loaded) before the slow part
+        from mmstyle_ns.clip.loader import load_clip
+
+        clip = load_clip(args.clip_model, args.clip_checkpoint)
     source, source_step = _load(args.source_config)
     images, masks, round_trip = _images_and_masks(source)
     source_frames = _renders(source)
@@ -121,11 +131,6 @@ def main(args: EDEvalArgs) -> dict[str, Any]:
             "psnr_vs_images": float(np.mean([_psnr(f, g) for f, g in zip(frames, images, strict=True)])),
             "psnr_vs_vae_round_trip": float(np.mean([_psnr(f, r) for f, r in zip(frames, round_trip, strict=True)])),
         }
-    clip = None
-    if args.clip_checkpoint is not None and args.edited_configs:
-        from mmstyle_ns.clip.loader import load_clip
-
-        clip = load_clip(args.clip_model, args.clip_checkpoint)
     columns = np.linspace(0, len(images) - 1, min(args.sheet_columns, len(images))).round().astype(int)
     rows = [[images[c] for c in columns], [round_trip[c] for c in columns], [source_frames[c] for c in columns]]
     labels = ["images", "VAE round trip", f"stage 1 (step {source_step})"]
@@ -183,7 +188,8 @@ def main(args: EDEvalArgs) -> dict[str, Any]:
         background = entry["psnr_outside_mask_vs_source"]
         print(
             f"{entry['rule']}{' masked' if entry['masked'] else ''} -> {entry['target_prompt']!r}: target colour in "
-            f"{entry['success']:.0%} of views; PSNR vs source {entry['psnr_vs_source']:.2f} dB"
+            + (f"{entry['success']:.0%}" if entry["success"] is not None else "(no colour word in the prompt)")
+            + f" of views; PSNR vs source {entry['psnr_vs_source']:.2f} dB"
             + (f", outside the mask {background:.2f} dB" if background is not None else "")
             + (f"; CLIP directional {entry['clip_directional']:.3f}" if "clip_directional" in entry else "")
         )
@@ -192,8 +198,15 @@ def main(args: EDEvalArgs) -> dict[str, Any]:
 
 
 def entrypoint() -> None:
-    """Console entry point."""
-    main(tyro.cli(EDEvalArgs))
+    """Console entry point: bad inputs end with one message and exit status 2."""
+    from mmstyle_ns.guidance.checks import GuidanceModelError
+
+    args = tyro.cli(EDEvalArgs)
+    try:
+        main(args)
+    except (ValueError, GuidanceModelError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -87,6 +87,7 @@ def main(args: MMEvalArgs) -> dict:
     model = pipeline.model
     if not isinstance(model, MMNeRFModel):
         raise ValueError(f"{args.load_config} is not an mm-nerf run")
+    clip = _clip_for(args, pipeline)  # before the slow part: bad CLIP settings fail at once
     cameras = turntable_cameras(args.load_config, args.num_frames).to(pipeline.device)
     names = [ORIGINAL, *model.style_names]
     frames: dict[str, list[np.ndarray]] = {name: [] for name in names}
@@ -117,7 +118,6 @@ def main(args: MMEvalArgs) -> dict:
     prepared = {p.source.name: p for p in pipeline.prepared}
     report: dict = {"config": str(args.load_config), "frames": args.num_frames, "styles": {}}
     report["original"] = consistency(np.stack(frames[ORIGINAL]))
-    clip = _clip_for(args, pipeline)
     if clip is not None:
         report["clip"] = {"model": clip.name}
     baseline_frames: dict[str, np.ndarray] = {}
@@ -194,7 +194,12 @@ def _clip_for(args: MMEvalArgs, pipeline: Any) -> Any:
     from mmstyle_ns.clip.loader import ClipFlags, load_clip
 
     if args.clip_checkpoint is not None:
-        name = args.clip_model if args.clip_model is not None else "ViT-B-32"
+        from mmstyle_ns.clip.config import TOY_CLIP_NAME
+
+        folder = Path(args.clip_checkpoint)
+        folder = folder if folder.is_dir() else folder.parent
+        default = TOY_CLIP_NAME if (folder / f"{TOY_CLIP_NAME}.json").is_file() else "ViT-B-32"
+        name = args.clip_model if args.clip_model is not None else default
         return load_clip(name, args.clip_checkpoint, pipeline.device, ClipFlags())
     if args.clip_model is not None:
         raise ValueError("--clip-model needs --clip-checkpoint (the weights)")
