@@ -188,12 +188,13 @@ class EDNeRFModel(GuidedModel):
                 image = F.interpolate(image, size=rgb.shape[-2:], mode="area")
                 losses["rgb_loss"] = self.config.rgb_loss_mult * F.mse_loss(rgb, image)
             return losses
+        # the score reaches the latents inside the mask only (for every rule: the gradient of the detached part is 0)
+        scored = latent if mask is None else mask * latent + (1.0 - mask) * latent.detach()
         inputs = ScoreInputs(
-            latents=latent,
+            latents=scored,
             target_text=self.config.target_prompt,
             source_text=self.config.source_prompt,
             source_latents=target,
-            mask=mask,  # None without masks or with use_masks off; the rule may still ignore it (its own use_mask)
         )
         score = self.rule.loss(self.backbone, inputs, step=self.step, max_steps=None)
         losses["score_loss"] = self.config.score_mult * score.loss
