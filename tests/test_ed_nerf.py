@@ -201,6 +201,7 @@ def test_a_run_that_edits_from_its_first_step_freezes_the_geometry(
     trainer.train()  # the first step's callbacks carve empty space, then switch to the edit before any update
     assert model.guided_stage and not model.field.density_grid.requires_grad
     assert model.field.density_grid.grad is None and model.field.feature_grid.grad is not None
+    assert model.guided_span == (0, 3) and model.guided_progress() == (model.step, 3)  # for timestep annealing
 
 
 def test_latent_camera_matches_the_vae_input_size(stage_one: Any) -> None:
@@ -219,3 +220,27 @@ def test_latent_camera_matches_the_vae_input_size(stage_one: Any) -> None:
     torch.testing.assert_close(scaled.fx, camera.fx * 13 / 100)
     torch.testing.assert_close(scaled.cy, camera.cy * 13 / 100)
     assert model.latent_views(camera)["refined"].shape[-2:] == (13, 13)
+
+
+def test_a_box_on_the_command_line_is_the_edit_region(stage_one: Any) -> None:
+    """With edit_box, the pixels whose rendered surface lies in the box are edited: a box around the whole scene
+    lets the score reach every covered pixel, a box outside the scene none (all go to reconstruction)."""
+    trainer, _, _, _ = stage_one
+    model, camera, batch = _guided(trainer, "a red cube on grass", "a blue cube on grass")
+    batch.pop("mask", None)
+    try:
+        for box, covered in (((-10.0, -10.0, -10.0, 10.0, 10.0, 10.0), True), ((5.0, 5.0, 5.0, 6.0, 6.0, 6.0), False)):
+            model.config.edit_box = box
+            outputs = model.guided_outputs(camera, batch, 0)
+            mask = outputs["edit_mask"]
+            solid = outputs["accumulation"][..., 0] > 0.5
+            assert bool((mask[0, 0] > 0).eq(solid & torch.tensor(covered)).all())
+            latent = outputs["latent"]
+            losses = model.get_loss_dict(outputs, batch)
+            assert "masked_reconstruction" in losses
+            (grad,) = torch.autograd.grad(losses["score_loss"], latent)
+            outside = grad * (1 - mask)
+            assert float(outside.abs().max()) == 0.0
+            assert (float(grad.abs().max()) > 0) == (covered and bool(solid.any()))
+    finally:
+        model.config.edit_box = None

@@ -65,6 +65,9 @@ class EDNeRFModelConfig(GuidedModelConfig):
     masked edit that changes it repaints the unmasked parts too; the edit then goes through the field alone."""
     use_masks: bool = True
     """Edit only inside the dataset's per-frame masks (nerfstudio's mask_path) when it has them."""
+    edit_box: tuple[float, float, float, float, float, float] | None = None
+    """A 3-D edit region instead of the masks: x0 y0 z0 x1 y1 z1 in nerfstudio's coordinates (those the viewer
+    shows). Each step edits the pixels whose rendered surface point (from the rendered depth) lies inside it."""
 
 
 class EDNeRFModel(GuidedModel):
@@ -130,6 +133,8 @@ class EDNeRFModel(GuidedModel):
     def guided_outputs(self, camera: Cameras, batch: dict[str, Any], step: int) -> dict[str, Tensor]:
         views = self.latent_views(camera)
         outputs = {"latent_raw": views["raw"], "latent": views["refined"], "accumulation": views["accumulation"]}
+        if self.config.edit_box is not None:
+            outputs["edit_mask"] = self.box_mask(camera, views["depth"], views["accumulation"])
         if "distortion_loss" in views:
             outputs["distortion_loss"] = views["distortion_loss"]
         return outputs
@@ -157,6 +162,16 @@ class EDNeRFModel(GuidedModel):
 
     # ---- losses ------------------------------------------------------------------------------------------
 
+    @torch.no_grad()
+    def box_mask(self, camera: Cameras, depth: Tensor, accumulation: Tensor) -> Tensor:
+        """``[1, 1, h, w]``: 1 where the rendered surface point of a latent pixel lies inside ``edit_box``."""
+        assert self.config.edit_box is not None
+        box = torch.tensor(self.config.edit_box, device=depth.device, dtype=depth.dtype).view(2, 3)
+        rays = self.latent_camera(camera).to(self.device).generate_rays(camera_indices=0, keep_shape=True)
+        points = rays.origins + rays.directions * depth  # [h, w, 3]
+        inside = ((points >= box[0]) & (points <= box[1])).all(dim=-1) & (accumulation[..., 0] > 0.5)
+        return inside.to(depth.dtype)[None, None]
+
     def _mask(self, batch: dict[str, Any], like: Tensor) -> Tensor | None:
         mask = batch.get("mask")
         if mask is None or not self.config.use_masks:
@@ -176,7 +191,7 @@ class EDNeRFModel(GuidedModel):
     ) -> dict[str, Tensor]:
         latent = outputs["latent"]
         target = batch["latent_target"].to(latent)
-        mask = self._mask(batch, latent)
+        mask = outputs.get("edit_mask", self._mask(batch, latent))
         losses: dict[str, Tensor] = {}
         if not self.guided_stage:
             losses["latent_loss"] = F.mse_loss(latent, target)
@@ -196,7 +211,8 @@ class EDNeRFModel(GuidedModel):
             source_text=self.config.source_prompt,
             source_latents=target,
         )
-        score = self.rule.loss(self.backbone, inputs, step=self.step, max_steps=None)
+        step, max_steps = self.guided_progress()
+        score = self.rule.loss(self.backbone, inputs, step=step, max_steps=max_steps)
         losses["score_loss"] = self.config.score_mult * score.loss
         if mask is not None and self.config.masked_reconstruction_mult > 0:
             error = 0.5 * ((latent - target) ** 2 * (1.0 - mask)).sum() / latent.shape[0]

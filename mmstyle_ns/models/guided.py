@@ -55,6 +55,9 @@ class GuidedModel(MMStyleBaseModel):
         self.rule: ScoreRule = self.config.rule.setup()
         self.guided_stage = False
         """Set by :meth:`start_guided_stage` (from the stage callback, at the first guided step)."""
+        self.guided_span: tuple[int, int] | None = None
+        """First and last step of the guided stage of this training run, for timestep annealing (set by the
+        callbacks from the trainer: a run resumed with --load-dir counts its steps from the loaded one)."""
 
     def in_guided_stage(self, step: int) -> bool:
         """Whether ``step`` belongs to the guided stage."""
@@ -71,6 +74,10 @@ class GuidedModel(MMStyleBaseModel):
         self, training_callback_attributes: TrainingCallbackAttributes
     ) -> list[TrainingCallback]:
         callbacks = super().get_training_callbacks(training_callback_attributes)
+        trainer = training_callback_attributes.trainer
+        if trainer is not None:
+            last = int(getattr(trainer, "_start_step", 0)) + int(trainer.config.max_num_iterations)
+            self.guided_span = (max(self.config.reconstruction_steps, int(getattr(trainer, "_start_step", 0))), last)
 
         def switch_stage(step: int) -> None:
             if not self.guided_stage and self.in_guided_stage(step):
@@ -80,6 +87,14 @@ class GuidedModel(MMStyleBaseModel):
             TrainingCallback(where_to_run=[TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], func=switch_stage)
         )
         return callbacks
+
+    def guided_progress(self) -> tuple[int | None, int | None]:
+        """``(step, max_steps)`` of the guided stage for the score rule's timestep annealing (``None``s when the
+        model is not trained by nerfstudio's trainer)."""
+        if self.guided_span is None:
+            return None, None
+        first, last = self.guided_span
+        return max(0, self.step - first), max(1, last - first)
 
     def guided_outputs(self, camera: Cameras, batch: dict[str, Any], step: int) -> dict[str, Tensor]:
         """What a training step renders for ``camera`` (with gradients); the pipeline calls it every step."""
