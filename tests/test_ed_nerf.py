@@ -244,3 +244,25 @@ def test_a_box_on_the_command_line_is_the_edit_region(stage_one: Any) -> None:
             assert (float(grad.abs().max()) > 0) == (covered and bool(solid.any()))
     finally:
         model.config.edit_box = None
+
+
+def test_the_target_prompt_follows_the_viewer_text_field(stage_one: Any) -> None:
+    """The viewer's "Target prompt" field sets what the next steps edit towards (an empty text is ignored)."""
+    trainer, _, _, _ = stage_one
+    model, camera, batch = _guided(trainer, "a red cube on grass", "a red cube on grass")
+    element = model.viewer_target_prompt
+    assert element.name == "Target prompt"
+    outputs = model.guided_outputs(camera, batch, 0)
+    batch["latent_target"] = outputs["latent"].detach().clone()
+    model.zero_grad(set_to_none=True)
+    model.get_loss_dict(outputs, batch)["score_loss"].backward()
+    assert model.field.feature_grid.grad is None or float(model.field.feature_grid.grad.abs().max()) == 0.0
+    element.value = "a blue cube on grass"  # what typing into the field does, then the viewer calls the hook
+    element.cb_hook(element)
+    assert model.config.target_prompt == "a blue cube on grass"
+    model.zero_grad(set_to_none=True)
+    model.get_loss_dict(model.guided_outputs(camera, batch, 0), batch)["score_loss"].backward()
+    assert model.field.feature_grid.grad is not None and float(model.field.feature_grid.grad.abs().max()) > 0
+    element.value = "  "
+    element.cb_hook(element)
+    assert model.config.target_prompt == "a blue cube on grass"

@@ -89,6 +89,20 @@ class EDNeRFModel(GuidedModel):
         with torch.no_grad():  # the latent of a white picture: what empty space renders as
             white = self.backbone.encode_images(torch.ones(1, 3, size, size))
         self.register_buffer("background_latent", white.mean(dim=(0, 2, 3)).float(), persistent=False)
+        from nerfstudio.viewer.viewer_elements import ViewerText
+
+        self.viewer_target_prompt = ViewerText(
+            "Target prompt",
+            self.config.target_prompt,
+            cb_hook=self.set_target_prompt,
+            hint="What the scene should show; the edit follows it from the next training step",
+        )
+
+    def set_target_prompt(self, element: Any) -> None:
+        """Viewer callback: the edit's target prompt (a non-empty text) becomes the text field's value."""
+        text = str(element.value).strip()
+        if text:
+            self.config.target_prompt = text
 
     def get_param_groups(self) -> dict[str, list[Parameter]]:
         groups = super().get_param_groups()
