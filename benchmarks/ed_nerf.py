@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import resource
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +82,7 @@ def main(args: Args) -> None:
     methods, _ = discover_methods()
     config: Any = copy.deepcopy(methods["mmstyle-base"])
     config.pipeline.datamanager.data = Path(pipeline.config.datamanager.data)
-    config.output_dir = Path("/tmp") / "ed_nerf_benchmark"
+    config.output_dir = Path(tempfile.mkdtemp(prefix="ed_nerf_benchmark_"))
     config.max_num_iterations = args.base_steps
     config.vis = "tensorboard"
     config.steps_per_save = 10**6
