@@ -4,6 +4,7 @@ editing with and without masks, viewer outputs, and input errors before anything
 from __future__ import annotations
 
 import copy
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -266,3 +267,47 @@ def test_the_target_prompt_follows_the_viewer_text_field(stage_one: Any) -> None
     element.value = "  "
     element.cb_hook(element)
     assert model.config.target_prompt == "a blue cube on grass"
+
+
+def test_the_viewer_shows_the_target_prompt_field_and_a_client_edit_reaches_the_model(
+    stage_one: Any, tmp_path: Path
+) -> None:
+    """Driven as the browser drives it (viser's websocket protocol): the viewer sends a "Target prompt" text field
+    holding the model's target; a client's edit of it becomes the target of the next training steps."""
+    import time
+
+    from nerfstudio.viewer.viewer import Viewer
+    from viser_client import ViewerClient
+
+    trainer, _, _, _ = stage_one
+    pipeline = trainer.pipeline
+    model = pipeline.model
+    model.config.target_prompt = "a blue cube on grass"
+    model.viewer_target_prompt.value = "a blue cube on grass"
+    config = trainer.config
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    config.viewer.websocket_host, config.viewer.websocket_port = "127.0.0.1", port
+    viewer = Viewer(config.viewer, log_filename=tmp_path / "viewer.txt", datapath=tmp_path, pipeline=pipeline)
+    try:
+        viewer.init_scene(
+            train_dataset=pipeline.datamanager.train_dataset,
+            train_state="training",
+            eval_dataset=pipeline.datamanager.eval_dataset,
+        )
+        with ViewerClient(port) as client:
+            client.receive(3.0)
+            field = client.gui["Target prompt"]
+            assert field["type"] == "GuiAddTextMessage" and field["value"] == "a blue cube on grass"
+            client.set_camera((1.0, 0.0, 0.0, 0.0), (0.0, 0.0, 3.0), 0.6)  # the first camera registers the client
+            client.receive(1.0)
+            client.set_value("Target prompt", "a green cube on grass")
+            deadline = time.monotonic() + 20.0
+            while model.config.target_prompt != "a green cube on grass" and time.monotonic() < deadline:
+                client.receive(0.5)
+            assert model.config.target_prompt == "a green cube on grass"
+    finally:
+        viewer.viser_server.stop()
+        for machine in list(viewer.render_statemachines.values()):
+            machine.running = False
