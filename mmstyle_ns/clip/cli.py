@@ -56,7 +56,7 @@ def entrypoint() -> None:
         print(f"Wrote {config.output / 'report.json'} and {config.output / 'sheet.png'}")
     except (ClipLoadError, GuidanceModelError, FileNotFoundError, ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -82,7 +82,6 @@ class EDNeRFModel(GuidedModel):
     def populate_modules(self) -> None:
         super().populate_modules()
         channels = int(self.backbone.latent_channels)
-        self.latent_scale = 1.0 / float(self.backbone.vae_scale_factor)
         refinement = RefinementLayerConfig(**{**vars(self.config.refinement), "channels": channels})
         self.refinement: RefinementLayer = refinement.setup()
         size = int(self.backbone.vae_scale_factor) * 4
@@ -240,9 +239,7 @@ class EDNeRFModel(GuidedModel):
     def get_image_metrics_and_images(
         self, outputs: dict[str, Tensor], batch: dict[str, Tensor]
     ) -> tuple[dict[str, float], dict[str, Tensor]]:
-        image = batch["image"].to(outputs["rgb"])
-        if image.shape[-1] == 4:  # composite over white, as the latents were encoded
-            image = image[..., :3] * image[..., 3:] + (1.0 - image[..., 3:])
+        image = self.renderer_rgb.blend_background(batch["image"].to(outputs["rgb"]), "white")  # as encoded
         predicted = outputs["rgb"]
         gt = torch.moveaxis(image, -1, 0)[None]
         pred = torch.moveaxis(predicted, -1, 0)[None]

@@ -10,6 +10,7 @@ process.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
@@ -56,3 +57,11 @@ class ModelWithArguments:
     def setup(self, **kwargs: Any) -> Any:
         """Builds the model with the extra arguments."""
         return self.config.setup(**self.arguments, **kwargs)
+
+
+def cache_root_for(datamanager: Any, cache_dir: Path | str | None) -> Path:
+    """Where a method keeps its on-disk caches: ``cache_dir``, or ``mmstyle_cache`` inside the dataset folder."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    data = datamanager.data if datamanager.data is not None else datamanager.dataparser.data
+    return Path(str(data)) / "mmstyle_cache"

@@ -22,7 +22,7 @@ from nerfstudio.utils.rich_utils import CONSOLE
 
 from mmstyle_ns.data.datamanagers import GuidedDataManagerConfig
 from mmstyle_ns.guidance.backbone import DiffusionBackboneConfig
-from mmstyle_ns.pipelines.base import MMStylePipeline, MMStylePipelineConfig, ModelWithArguments
+from mmstyle_ns.pipelines.base import MMStylePipeline, MMStylePipelineConfig, ModelWithArguments, cache_root_for
 
 
 @dataclass
@@ -64,10 +64,7 @@ class GuidedPipelineConfig(MMStylePipelineConfig):
 
     def cache_root(self) -> Path:
         """The cache folder (``cache_dir``, or ``mmstyle_cache`` inside the dataset)."""
-        if self.cache_dir is not None:
-            return self.cache_dir
-        data = self.datamanager.data if self.datamanager.data is not None else self.datamanager.dataparser.data
-        return Path(data) / "mmstyle_cache"
+        return cache_root_for(self.datamanager, self.cache_dir)
 
 
 class GuidedPipeline(MMStylePipeline):

@@ -20,7 +20,7 @@ from nerfstudio.utils.rich_utils import CONSOLE
 from mmstyle_ns.distributed import broadcast_module
 from mmstyle_ns.fields.grid_field import replace_parameters
 from mmstyle_ns.models.mm_nerf import MMNeRFModel, MMNeRFModelConfig, StyleSet, StyleTargets
-from mmstyle_ns.pipelines.base import MMStylePipeline, MMStylePipelineConfig, ModelWithArguments
+from mmstyle_ns.pipelines.base import MMStylePipeline, MMStylePipelineConfig, ModelWithArguments, cache_root_for
 from mmstyle_ns.style.adain import AdaINConfig
 from mmstyle_ns.style.cache import StylizedViewCache, style_key_for
 from mmstyle_ns.style.extractor import MultimodalStyleExtractor, PreparedStyle
@@ -71,11 +71,7 @@ class MMNeRFPipelineConfig(MMStylePipelineConfig):
 
     def cache_root(self) -> Path:
         """Folder of the caches: stylized views, ray samples, generated style images."""
-        if self.cache_dir is not None:
-            return Path(self.cache_dir)
-        datamanager: Any = self.datamanager
-        data = datamanager.data if datamanager.data is not None else datamanager.dataparser.data
-        return Path(str(data)) / "mmstyle_cache"
+        return cache_root_for(self.datamanager, self.cache_dir)
 
     def style_extractor(self, flags: dict[str, str] | None = None) -> MultimodalStyleExtractor:
         """The multimodal style extractor, keeping generated style images under :meth:`cache_root`."""

@@ -83,9 +83,7 @@ def _images_and_masks(pipeline: Any) -> tuple[np.ndarray, np.ndarray | None, np.
     images, masks = [], []
     for i in range(len(dataset)):
         data = dataset.get_data(i, image_type="float32")
-        image = data["image"]
-        if image.shape[-1] == 4:
-            image = image[..., :3] * image[..., 3:] + (1.0 - image[..., 3:])
+        image = pipeline.model.renderer_rgb.blend_background(data["image"], "white")  # as the latents were encoded
         images.append(image.numpy())
         if "mask" in data:
             masks.append(data["mask"][..., 0].numpy().astype(bool))
