@@ -1,7 +1,8 @@
 """nerfstudio trainer pieces shared by the methods: input checks before anything is written, tolerant resume.
 
 * ``ns-train`` writes ``config.yml`` before it builds the pipeline; :class:`MMStyleTrainerConfig` first runs the
-  pipeline config's ``check_inputs()`` (when it has one), so bad inputs stop the run with nothing written.
+  pipeline config's ``check_inputs()`` (when it has one), so bad inputs stop the run with nothing written: one
+  message naming what to pass, exit status 2, no traceback.
 * Resuming with ``--load-dir`` restores every optimizer's state; when a parameter group changed since the
   checkpoint (e.g. a style was added), :class:`TolerantOptimizers` leaves that group's state fresh instead of
   failing.
@@ -65,5 +66,9 @@ class MMStyleTrainerConfig(TrainerConfig):
     def save_config(self) -> None:
         check = getattr(self.pipeline, "check_inputs", None)
         if callable(check):
-            check()
+            try:
+                check()
+            except ValueError as error:  # the input errors of every method (StyleInputError is one)
+                CONSOLE.print(f"[bold red]Cannot train {self.method_name}:[/bold red] {error}", soft_wrap=True)
+                raise SystemExit(2) from None
         super().save_config()

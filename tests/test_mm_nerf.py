@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import random
+import re
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -657,20 +658,27 @@ def test_bad_style_fails_before_training_and_writes_nothing(tiny_scene: Path, tm
     assert not (tmp_path / "style_cache").exists()
 
 
-def test_ns_train_with_a_bad_style_writes_nothing(tiny_scene: Path, tmp_path: Path) -> None:
+def test_ns_train_with_a_bad_style_writes_nothing(
+    tiny_scene: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from nerfstudio.scripts.train import main
 
     config = _config(tiny_scene, tmp_path, (STYLES[0], "foo:bar"), "existing")
     _existing_run(config)
     before = _tree(tmp_path / "runs")
-    with pytest.raises(StyleInputError, match="unknown modality"):
+    with pytest.raises(SystemExit) as stopped:
         main(config)
+    assert stopped.value.code == 2 and "unknown modality" in capsys.readouterr().out  # one message, no traceback
     assert _tree(tmp_path / "runs") == before
 
 
 @pytest.mark.parametrize("weights", ["none", "swapped"])
 def test_ns_train_with_adain_but_bad_weights_writes_nothing(
-    tiny_scene: Path, tmp_path: Path, adain_weights: tuple[Path, Path], weights: str
+    tiny_scene: Path,
+    tmp_path: Path,
+    adain_weights: tuple[Path, Path],
+    weights: str,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     from nerfstudio.scripts.train import main
 
@@ -683,8 +691,9 @@ def test_ns_train_with_adain_but_bad_weights_writes_nothing(
         message = "--pipeline.adain.vgg-weights .* holds convolutions"
     _existing_run(config)
     before = _tree(tmp_path / "runs")
-    with pytest.raises(StyleInputError, match=message):
+    with pytest.raises(SystemExit) as stopped:
         main(config)
+    assert stopped.value.code == 2 and re.search(message, capsys.readouterr().out)
     assert _tree(tmp_path / "runs") == before
 
 
