@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from conftest import short_run_config
@@ -153,6 +154,14 @@ def test_viewer_outputs_are_decoded_rgb_at_full_resolution(stage_one: Any) -> No
     assert outputs["rgb"].shape == (h, w, 3) and float(outputs["rgb"].min()) >= 0 and float(outputs["rgb"].max()) <= 1
     assert outputs["latent"].shape == (h, w, 3) and outputs["depth"].shape == (h, w, 1)
     torch.testing.assert_close(outputs["rgb"], expected, rtol=0, atol=1e-5)
+    channels = trainer.pipeline.backbone.latent_channels  # every latent channel is an output of its own
+    assert [name for name in outputs if name.startswith("latent_")] == [f"latent_{c}" for c in range(channels)]
+    refined = views["refined"][0]  # [c, h/8, w/8], each latent pixel shown as a block of (h/8) x (w/8) pixels
+    for c in range(channels):
+        assert outputs[f"latent_{c}"].shape == (h, w, 1)
+        torch.testing.assert_close(
+            outputs[f"latent_{c}"][:: h // refined.shape[1], :: w // refined.shape[2], 0], refined[c]
+        )
 
 
 @pytest.mark.parametrize("problem", ["model-path", "source-prompt", "target-prompt", "missing-folder"])
@@ -309,6 +318,107 @@ def test_the_viewer_shows_the_target_prompt_field_and_a_client_edit_reaches_the_
                 client.receive(0.5)
             assert model.config.target_prompt == "a green cube on grass"
     finally:
+        viewer.viser_server.stop()
+        for machine in list(viewer.render_statemachines.values()):
+            machine.running = False
+
+
+def _with_solid_block(model: EDNeRFModel) -> tuple[EDNeRFModel, torch.Tensor, float]:
+    """A copy of the model whose density is a solid cube in the middle of its grid (empty elsewhere); returns it,
+    the cube's centre and half side."""
+    block = copy.deepcopy(model)
+    field = block.field
+    centre = field.aabb.mean(dim=0)
+    half = 0.25 * float((field.aabb[1] - field.aabb[0]).min())
+    with torch.no_grad():
+        inside = ((field.vertex_positions() - centre).abs() <= half).all(dim=-1, keepdim=True)
+        solid, empty = field.raw_density_for(1e3), field.raw_density_for(1e-4)
+        field.density_grid.copy_(torch.where(inside, solid, empty))
+        block.sampler.update(field)
+    return block, centre, half
+
+
+def test_a_rectangle_drawn_in_a_view_becomes_a_box_around_what_it_covered(stage_one: Any) -> None:
+    """box_from_view on a scene that is a solid block: a rectangle over the whole view gives a box around the
+    block (about as deep as it is wide, from one side only), which marks the block's pixels as the edit region when
+    projected back with the rendered depth; a rectangle over empty space gives no box."""
+    trainer, _, _, _ = stage_one
+    block, centre, half = _with_solid_block(trainer.pipeline.model)
+    block.eval()
+    camera = trainer.pipeline.datamanager.train_dataset.cameras[0:1]
+    box = block.box_from_view(camera, (0.0, 0.0), (1.0, 1.0))
+    assert box is not None
+    lower, upper = torch.tensor(box[:3]) - centre, torch.tensor(box[3:]) - centre
+    assert bool((lower <= -0.8 * half).all()) and bool((upper >= 0.8 * half).all()), box  # the block, every axis
+    assert bool((lower >= -1.5 * half).all()) and bool((upper <= 1.5 * half).all()), box  # and not much more
+    with torch.no_grad():
+        views = block.latent_views(camera)
+    block.config.edit_box = box
+    mask = block.box_mask(camera, views["depth"], views["accumulation"])[0, 0] > 0
+    solid = views["accumulation"][..., 0] > 0.5
+    assert bool(solid.any()) and bool(mask.eq(solid).all())
+    corner = block.box_from_view(camera, (0.0, 0.0), (0.05, 0.05))  # the view's corner shows empty space
+    assert corner is None
+
+
+def test_draw_edit_box_in_the_viewer_sets_the_edit_region(stage_one: Any, tmp_path: Path) -> None:
+    """As the browser does it: press "Draw edit box", draw a rectangle (viser's rect-select pointer event); the
+    model's edit box becomes the box around what the rectangle covered and the "Edit box" field shows it; typing
+    an empty box clears it."""
+    import time
+
+    from nerfstudio.viewer.viewer import Viewer
+    from viser import _messages
+    from viser_client import ViewerClient
+
+    trainer, _, _, _ = stage_one
+    pipeline = trainer.pipeline
+    trained = pipeline._model
+    model, centre, half = _with_solid_block(trained)  # a scene that the viewer's camera surely sees
+    pipeline._model = model
+    config = trainer.config
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    config.viewer.websocket_host, config.viewer.websocket_port = "127.0.0.1", port
+    viewer = Viewer(config.viewer, log_filename=tmp_path / "viewer.txt", datapath=tmp_path, pipeline=pipeline)
+    try:
+        viewer.init_scene(train_dataset=pipeline.datamanager.train_dataset, train_state="training")
+        with ViewerClient(port) as client:
+            client.receive(3.0)
+            assert client.gui["Draw edit box"]["type"] == "GuiAddButtonMessage"
+            assert client.gui["Edit box"]["value"] == ""
+            # the first training camera, in viser's units and convention
+            c2w = pipeline.datamanager.train_dataset.cameras.camera_to_worlds[0].double()
+            from nerfstudio.viewer.viewer import VISER_NERFSTUDIO_SCALE_RATIO
+            from viser import transforms as vtf
+
+            rotation = vtf.SO3.from_matrix(c2w[:, :3].numpy()) @ vtf.SO3.from_x_radians(np.pi)
+            position = c2w[:, 3].numpy() * VISER_NERFSTUDIO_SCALE_RATIO
+            client.set_camera(tuple(rotation.wxyz), tuple(position), 0.9)
+            client.receive(1.0)
+            client.set_value("Draw edit box", True)
+            client.receive(1.0)
+            client._send(
+                _messages.ScenePointerMessage("rect-select", None, None, ((0.0, 0.0), (1.0, 1.0)))  # type: ignore[arg-type]
+            )
+            deadline = time.monotonic() + 20.0
+            while model.config.edit_box is None and time.monotonic() < deadline:
+                client.receive(0.5)
+            box = model.config.edit_box
+            assert box is not None
+            assert all(
+                lo <= c - 0.8 * half and hi >= c + 0.8 * half
+                for lo, hi, c in zip(box[:3], box[3:], centre.tolist(), strict=True)
+            )
+            assert model.viewer_edit_box.value.split() == [f"{x:.3f}" for x in box]
+            client.set_value("Edit box", "")
+            deadline = time.monotonic() + 10.0
+            while model.config.edit_box is not None and time.monotonic() < deadline:
+                client.receive(0.5)
+            assert model.config.edit_box is None
+    finally:
+        pipeline._model = trained
         viewer.viser_server.stop()
         for machine in list(viewer.render_statemachines.values()):
             machine.running = False

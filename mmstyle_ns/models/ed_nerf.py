@@ -13,7 +13,10 @@ Diffusion's latent space edited with Delta Denoising Score.
   (nerfstudio's per-frame ``mask_path``), the score acts inside it and outside it the stage-1 reconstruction loss
   keeps the scene as it was (``masked_reconstruction_mult``).
 * Renders for the viewer and ``ns-render``: ``rgb`` (refined latents decoded at full resolution), ``latent`` (the
-  first three latent channels, normalised for display), ``depth`` and ``accumulation``.
+  first three latent channels, normalised for display), ``latent_0`` ... ``latent_{c-1}`` (each channel, shown
+  with a colormap), ``depth`` and ``accumulation``.
+* The edit region: the dataset's masks, a box on the command line, or a rectangle drawn in the viewer ("Draw edit
+  box") turned into a box with the rendered depth (:mod:`mmstyle_ns.data.regions`) and projected into every view.
 """
 
 from __future__ import annotations
@@ -67,7 +70,10 @@ class EDNeRFModelConfig(GuidedModelConfig):
     """Edit only inside the dataset's per-frame masks (nerfstudio's mask_path) when it has them."""
     edit_box: tuple[float, float, float, float, float, float] | None = None
     """A 3-D edit region instead of the masks: x0 y0 z0 x1 y1 z1 in nerfstudio's coordinates (those the viewer
-    shows). Each step edits the pixels whose rendered surface point (from the rendered depth) lies inside it."""
+    shows). Each step edits the pixels whose rendered surface point (from the rendered depth) lies inside it. In the
+    viewer, "Draw edit box" and a rectangle drawn over the scene set it from the rendered depth."""
+    box_selection_resolution: int = 96
+    """Height of the depth render of the viewer's camera that turns a rectangle drawn in the viewer into a box."""
 
 
 class EDNeRFModel(GuidedModel):
@@ -96,6 +102,71 @@ class EDNeRFModel(GuidedModel):
             cb_hook=self.set_target_prompt,
             hint="What the scene should show; the edit follows it from the next training step",
         )
+        self.setup_box_selection()
+
+    def setup_box_selection(self) -> None:
+        """Viewer elements of the edit region: "Draw edit box" (then a rectangle drawn over the scene) and the
+        "Edit box" text field (x0 y0 z0 x1 y1 z1; empty: the dataset's masks)."""
+        from nerfstudio.viewer.viewer_elements import ViewerButton, ViewerControl, ViewerText
+
+        self.viewer_control = ViewerControl()
+        self.viewer_draw_box = ViewerButton("Draw edit box", cb_hook=self.arm_box_selection)
+        self.viewer_edit_box = ViewerText(
+            "Edit box",
+            _format_box(self.config.edit_box),
+            cb_hook=self.set_edit_box_text,
+            hint="x0 y0 z0 x1 y1 z1: the edit acts on what lies inside (empty: the dataset's masks)",
+        )
+
+    def arm_box_selection(self, element: Any = None) -> None:
+        """Viewer button: the next rectangle drawn over the scene becomes the edit box."""
+        self.viewer_control.register_pointer_cb("rect-select", self.select_box_from_rect)
+
+    def select_box_from_rect(self, event: Any) -> None:
+        """Viewer rect-select callback: the box around the surface inside the rectangle, seen by the user's camera."""
+        self.viewer_control.unregister_pointer_cb()
+        clients = self.viewer_control.viser_server.get_clients()
+        if not clients:
+            return
+        aspect = float(next(iter(clients.values())).camera.aspect)
+        height = self.config.box_selection_resolution
+        camera = self.viewer_control.get_camera(height, max(1, round(height * aspect)))
+        if camera is None:
+            return
+        box = self.box_from_view(camera, tuple(event.min_bounds), tuple(event.max_bounds))
+        if box is not None:
+            self.config.edit_box = box
+            self.viewer_edit_box.value = _format_box(box)
+
+    @torch.no_grad()
+    def box_from_view(
+        self, camera: Cameras, min_bounds: tuple[float, float], max_bounds: tuple[float, float]
+    ) -> tuple[float, float, float, float, float, float] | None:
+        """The edit box around the surface that ``camera`` sees inside a screen rectangle (normalised bounds)."""
+        from mmstyle_ns.data.regions import box_from_screen_rect, surface_points
+
+        camera = camera.reshape((1,)).to(self.device) if camera.shape == () else camera.to(self.device)
+        out = self.render_camera(camera)
+        points = surface_points(camera, out["depth"])
+        origin = camera.camera_to_worlds.reshape(-1, 3, 4)[0, :, 3]
+        return box_from_screen_rect(points, out["accumulation"], origin, min_bounds, max_bounds)
+
+    def set_edit_box_text(self, element: Any) -> None:
+        """Viewer callback of the "Edit box" field: six numbers set the box, an empty text clears it."""
+        text = str(element.value).replace(",", " ").split()
+        if not text:
+            self.config.edit_box = None
+            return
+        try:
+            values = [float(x) for x in text]
+        except ValueError:
+            return
+        if len(values) == 6:
+            low, high = values[:3], values[3:]
+            corners = [min(a, b) for a, b in zip(low, high, strict=True)] + [
+                max(a, b) for a, b in zip(low, high, strict=True)
+            ]
+            self.config.edit_box = (corners[0], corners[1], corners[2], corners[3], corners[4], corners[5])
 
     def set_target_prompt(self, element: Any) -> None:
         """Viewer callback: the edit's target prompt (a non-empty text) becomes the text field's value."""
@@ -166,23 +237,26 @@ class EDNeRFModel(GuidedModel):
         def full(x: Tensor) -> Tensor:  # [h, w, C] at latent resolution -> camera resolution
             return F.interpolate(x.permute(2, 0, 1)[None], size=(height, width), mode="nearest")[0].permute(1, 2, 0)
 
-        return {
+        outputs = {
             "rgb": rgb[0].permute(1, 2, 0),
             "latent": full(((latent - lo) / (hi - lo).clamp_min(1e-6)).permute(1, 2, 0)),
             "accumulation": full(views["accumulation"]),
             "depth": full(views["depth"]),
         }
+        for channel, values in enumerate(views["refined"][0]):  # every latent channel, shown with a colormap
+            outputs[f"latent_{channel}"] = full(values[..., None])
+        return outputs
 
     # ---- losses ------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def box_mask(self, camera: Cameras, depth: Tensor, accumulation: Tensor) -> Tensor:
         """``[1, 1, h, w]``: 1 where the rendered surface point of a latent pixel lies inside ``edit_box``."""
+        from mmstyle_ns.data.regions import inside_box, surface_points
+
         assert self.config.edit_box is not None
-        box = torch.tensor(self.config.edit_box, device=depth.device, dtype=depth.dtype).view(2, 3)
-        rays = self.latent_camera(camera).to(self.device).generate_rays(camera_indices=0, keep_shape=True)
-        points = rays.origins + rays.directions * depth  # [h, w, 3]
-        inside = ((points >= box[0]) & (points <= box[1])).all(dim=-1) & (accumulation[..., 0] > 0.5)
+        points = surface_points(self.latent_camera(camera), depth)
+        inside = inside_box(points, self.config.edit_box) & (accumulation[..., 0] > 0.5)
         return inside.to(depth.dtype)[None, None]
 
     def _mask(self, batch: dict[str, Any], like: Tensor) -> Tensor | None:
@@ -245,3 +319,7 @@ class EDNeRFModel(GuidedModel):
         pred = torch.moveaxis(predicted, -1, 0)[None]
         metrics = {"psnr": float(self.psnr(gt, pred).item()), "ssim": float(self.ssim(gt, pred))}  # type: ignore[arg-type]
         return metrics, {"img": torch.cat([image, predicted], dim=1), "latent": outputs["latent"]}
+
+
+def _format_box(box: tuple[float, ...] | None) -> str:
+    return "" if box is None else " ".join(f"{x:.3f}" for x in box)
