@@ -29,7 +29,7 @@ def ed_nerf_trainer_config(
         datamanager=GuidedDataManagerConfig(dataparser=NerfstudioDataParserConfig()),
         model=EDNeRFModelConfig(
             reconstruction_steps=reconstruction_steps,
-            grid_resolutions=(32, 96, 160),
+            grid_resolutions=(32, 64, 112),
             regrid_steps=(100, 500),
             occupancy_warmup_steps=50,
         ),

@@ -422,3 +422,43 @@ def test_draw_edit_box_in_the_viewer_sets_the_edit_region(stage_one: Any, tmp_pa
         viewer.viser_server.stop()
         for machine in list(viewer.render_statemachines.values()):
             machine.running = False
+
+
+def test_stage_one_can_reuse_the_geometry_of_a_base_run(
+    tiny_scene: Path, tiny_guidance_model: Path, tmp_path: Path
+) -> None:
+    """--pipeline.model.geometry-from <mmstyle-base run>: the latent field starts with the base run's density grid,
+    box and occupancy, keeps them through stage 1 (no regrids), and trains its latent appearance on them (measured on
+    the toy scene in docs/ed_nerf.md)."""
+    torch.manual_seed(0)
+    base_config = short_run_config("mmstyle-base", tiny_scene, tmp_path / "base", iterations=60)
+    base = base_config.setup(local_rank=0, world_size=1)
+    base.setup()
+    base.train()
+    base_field = base.pipeline.model.field
+    run = base_config.get_base_dir()
+    config = short_run_config("ed-nerf", tiny_scene, tmp_path / "ed", iterations=30, guidance_model=tiny_guidance_model)
+    config.pipeline.model.reconstruction_steps = 1000
+    config.pipeline.model.geometry_from = run
+    trainer = config.setup(local_rank=0, world_size=1)
+    trainer.setup()
+    model = trainer.pipeline.model
+    assert model.geometry_frozen and not model.field.density_grid.requires_grad
+    torch.testing.assert_close(model.field.density_grid, base_field.density_grid.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(model.field.aabb, base_field.aabb, rtol=0, atol=0)
+    assert model.field.feature_grid.shape == (base_field.density_grid.shape[0], model.field.feature_dim)
+    assert bool(model.sampler.occupancy.eq(base.pipeline.model.sampler.occupancy).all())
+    features = model.field.feature_grid.detach().clone()
+    trainer.train()
+    torch.testing.assert_close(model.field.density_grid, base_field.density_grid.detach(), rtol=0, atol=0)
+    assert model.field.density_grid.shape == base_field.density_grid.shape  # no regrid either
+    assert float((model.field.feature_grid.detach() - features).abs().max()) > 0  # the appearance trained
+
+
+def test_geometry_from_a_folder_without_checkpoints_fails_before_anything_is_written(
+    tiny_scene: Path, tiny_guidance_model: Path, tmp_path: Path
+) -> None:
+    config = short_run_config("ed-nerf", tiny_scene, tmp_path, guidance_model=tiny_guidance_model)
+    config.pipeline.model.geometry_from = tmp_path / "nowhere"
+    with pytest.raises(ValueError, match="geometry-from"):
+        config.pipeline.check_inputs()

@@ -10,6 +10,9 @@ loads the checkpoint.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 _REGISTERED = False
 
 
@@ -32,3 +35,27 @@ def register_safe_globals() -> None:
     dtype_classes = [type(np.dtype(name)) for name in ("float16", "float32", "float64", "int32", "int64", "bool")]
     add([scalar, np.dtype, *dtype_classes])
     _REGISTERED = True
+
+
+def find_checkpoint(path: Path) -> Path | None:
+    """The newest nerfstudio checkpoint at ``path``: the file itself, else the highest ``step-*.ckpt`` in the folder
+    or in its ``nerfstudio_models`` subfolder (a run folder); None if there is none."""
+    if path.is_file():
+        return path
+    for folder in (path, path / "nerfstudio_models"):
+        found = sorted(folder.glob("step-*.ckpt")) if folder.is_dir() else []
+        if found:
+            return found[-1]
+    return None
+
+
+def load_pipeline_state(path: Path) -> dict[str, Any]:
+    """The pipeline state dict of the newest checkpoint at ``path`` (see :func:`find_checkpoint`), on the CPU."""
+    import torch
+
+    checkpoint = find_checkpoint(path)
+    if checkpoint is None:
+        raise ValueError(f"{path} holds no nerfstudio checkpoint (step-*.ckpt, or a run's nerfstudio_models folder)")
+    register_safe_globals()
+    loaded = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    return dict(loaded["pipeline"])

@@ -242,6 +242,35 @@ class MMStyleBaseModel(Model):
         self.views_initialized.fill_(True)
         broadcast_module(self)
 
+    @torch.no_grad()
+    def adopt_geometry(self, state: dict[str, Tensor]) -> None:
+        """Takes the geometry of another run of this model family: the density grid, the box it spans and the
+        occupancy, from a pipeline state dict (a nerfstudio checkpoint's ``"pipeline"``). The appearance grid starts
+        afresh (its channels may differ, e.g. RGB vs. latents) and the geometry stays frozen."""
+
+        def pick(name: str) -> Tensor:
+            found = [value for key, value in state.items() if key.endswith(name)]
+            if len(found) != 1:
+                raise ValueError(f"the checkpoint holds no single {name} (not a run of an mmstyle_ns method?)")
+            return found[0]
+
+        field = self.field
+        scale = pick("field.density_scale").to(field.density_scale)
+        if not torch.allclose(scale, field.density_scale, rtol=1e-5):
+            raise ValueError(
+                "the checkpoint's grid starts from another coarse resolution: give this run the same first "
+                "--pipeline.model.grid-resolutions entry (and data) as the run whose geometry it reuses"
+            )
+        density = pick("field.density_grid").to(field.density_grid)
+        field.aabb.copy_(pick("field.aabb"))
+        field.grid_dims.copy_(pick("field.grid_dims"))
+        field.density_grid = Parameter(density.contiguous(), requires_grad=False)
+        field.feature_grid = Parameter(torch.randn(density.shape[0], field.feature_dim, device=density.device) * 0.1)
+        self.sampler.occupancy = pick("sampler.occupancy").to(self.sampler.occupancy.device).clone()
+        self.sampler.initialized.fill_(True)
+        self.views_initialized.fill_(True)
+        self.geometry_frozen = True
+
     def get_training_callbacks(
         self, training_callback_attributes: TrainingCallbackAttributes
     ) -> list[TrainingCallback]:

@@ -44,6 +44,15 @@ class GuidedPipelineConfig(MMStylePipelineConfig):
         """Checks what the method needs without loading anything (run before ns-train writes config.yml)."""
         from mmstyle_ns.guidance.checks import missing_model_files, resolve_local
 
+        geometry = getattr(self.model, "geometry_from", None)
+        if geometry is not None:
+            from mmstyle_ns.compat.checkpoints import find_checkpoint
+
+            if find_checkpoint(Path(geometry)) is None:
+                raise ValueError(
+                    f"--pipeline.model.geometry-from {geometry}: no nerfstudio checkpoint there (give a trained "
+                    "mmstyle-base run's folder, its nerfstudio_models folder or a step-*.ckpt file)"
+                )
         value = self.guidance.model_path
         flag = self.guidance.flag("model_path")
         if value is None or not value.strip():
