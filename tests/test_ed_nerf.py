@@ -3,6 +3,7 @@ editing with and without masks, viewer outputs, and input errors before anything
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import socket
 from collections.abc import Iterator
@@ -279,63 +280,25 @@ def test_the_target_prompt_follows_the_viewer_text_field(stage_one: Any) -> None
     assert model.config.target_prompt == "a blue cube on grass"
 
 
-def test_the_viewer_shows_the_target_prompt_field_and_a_client_edit_reaches_the_model(
-    stage_one: Any, tmp_path: Path
-) -> None:
-    """Driven as the browser drives it (viser's websocket protocol): the viewer sends a "Target prompt" text field
-    holding the model's target; a client's edit of it becomes the target of the next training steps."""
-    import time
-
-    from nerfstudio.viewer.viewer import Viewer
-    from viser_client import ViewerClient
-
-    trainer, _, _, _ = stage_one
-    pipeline = trainer.pipeline
-    model = pipeline.model
-    model.config.target_prompt = "a blue cube on grass"
-    model.viewer_target_prompt.value = "a blue cube on grass"
-    config = trainer.config
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
-    config.viewer.websocket_host, config.viewer.websocket_port = "127.0.0.1", port
-    viewer = Viewer(config.viewer, log_filename=tmp_path / "viewer.txt", datapath=tmp_path, pipeline=pipeline)
-    try:
-        viewer.init_scene(
-            train_dataset=pipeline.datamanager.train_dataset,
-            train_state="training",
-            eval_dataset=pipeline.datamanager.eval_dataset,
-        )
-        with ViewerClient(port) as client:
-            client.receive(3.0)
-            field = client.gui["Target prompt"]
-            assert field["type"] == "GuiAddTextMessage" and field["value"] == "a blue cube on grass"
-            client.set_camera((1.0, 0.0, 0.0, 0.0), (0.0, 0.0, 3.0), 0.6)  # the first camera registers the client
-            client.receive(1.0)
-            client.set_value("Target prompt", "a green cube on grass")
-            deadline = time.monotonic() + 20.0
-            while model.config.target_prompt != "a green cube on grass" and time.monotonic() < deadline:
-                client.receive(0.5)
-            assert model.config.target_prompt == "a green cube on grass"
-    finally:
-        viewer.viser_server.stop()
-        for machine in list(viewer.render_statemachines.values()):
-            machine.running = False
-
-
-def _with_solid_block(model: EDNeRFModel) -> tuple[EDNeRFModel, torch.Tensor, float]:
-    """A copy of the model whose density is a solid cube in the middle of its grid (empty elsewhere); returns it,
-    the cube's centre and half side."""
-    block = copy.deepcopy(model)
-    field = block.field
+@contextlib.contextmanager
+def _solid_block(model: EDNeRFModel) -> Iterator[tuple[torch.Tensor, float]]:
+    """The model's density becomes a solid cube in the middle of its grid (empty elsewhere) inside the block, and
+    is restored after it; yields the cube's centre and half side."""
+    field = model.field
+    saved = field.density_grid.detach().clone(), model.sampler.occupancy.clone()
     centre = field.aabb.mean(dim=0)
     half = 0.25 * float((field.aabb[1] - field.aabb[0]).min())
     with torch.no_grad():
         inside = ((field.vertex_positions() - centre).abs() <= half).all(dim=-1, keepdim=True)
         solid, empty = field.raw_density_for(1e3), field.raw_density_for(1e-4)
         field.density_grid.copy_(torch.where(inside, solid, empty))
-        block.sampler.update(field)
-    return block, centre, half
+        model.sampler.update(field)
+    try:
+        yield centre, half
+    finally:
+        with torch.no_grad():
+            field.density_grid.copy_(saved[0])
+        model.sampler.occupancy = saved[1]
 
 
 def test_a_rectangle_drawn_in_a_view_becomes_a_box_around_what_it_covered(stage_one: Any) -> None:
@@ -343,9 +306,17 @@ def test_a_rectangle_drawn_in_a_view_becomes_a_box_around_what_it_covered(stage_
     block (about as deep as it is wide, from one side only), which marks the block's pixels as the edit region when
     projected back with the rendered depth; a rectangle over empty space gives no box."""
     trainer, _, _, _ = stage_one
-    block, centre, half = _with_solid_block(trainer.pipeline.model)
-    block.eval()
-    camera = trainer.pipeline.datamanager.train_dataset.cameras[0:1]
+    block = trainer.pipeline.model
+    with _solid_block(block) as (centre, half):
+        block.eval()
+        try:
+            _check_box_from_view(block, trainer.pipeline.datamanager.train_dataset.cameras[0:1], centre, half)
+        finally:
+            block.config.edit_box = None
+            block.train()
+
+
+def _check_box_from_view(block: EDNeRFModel, camera: Cameras, centre: torch.Tensor, half: float) -> None:
     box = block.box_from_view(camera, (0.0, 0.0), (1.0, 1.0))
     assert box is not None
     lower, upper = torch.tensor(box[:3]) - centre, torch.tensor(box[3:]) - centre
@@ -361,10 +332,11 @@ def test_a_rectangle_drawn_in_a_view_becomes_a_box_around_what_it_covered(stage_
     assert corner is None
 
 
-def test_draw_edit_box_in_the_viewer_sets_the_edit_region(stage_one: Any, tmp_path: Path) -> None:
-    """As the browser does it: press "Draw edit box", draw a rectangle (viser's rect-select pointer event); the
-    model's edit box becomes the box around what the rectangle covered and the "Edit box" field shows it; typing
-    an empty box clears it."""
+def test_the_viewers_prompt_field_and_edit_box_drawing_reach_the_model(stage_one: Any, tmp_path: Path) -> None:
+    """Driven as the browser drives it (viser's websocket protocol). The viewer sends a "Target prompt" text field
+    holding the model's target; a client's edit of it becomes the target of the next training steps. Pressing
+    "Draw edit box" and drawing a rectangle (viser's rect-select pointer event) makes the model's edit box the box
+    around what the rectangle covered, shown in the "Edit box" field; typing an empty box clears it."""
     import time
 
     from nerfstudio.viewer.viewer import Viewer
@@ -373,9 +345,11 @@ def test_draw_edit_box_in_the_viewer_sets_the_edit_region(stage_one: Any, tmp_pa
 
     trainer, _, _, _ = stage_one
     pipeline = trainer.pipeline
-    trained = pipeline._model
-    model, centre, half = _with_solid_block(trained)  # a scene that the viewer's camera surely sees
-    pipeline._model = model
+    model = pipeline.model
+    model.config.target_prompt = "a blue cube on grass"
+    model.viewer_target_prompt.value = "a blue cube on grass"
+    solid = _solid_block(model)  # a scene that the viewer's camera surely sees
+    centre, half = solid.__enter__()
     config = trainer.config
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -386,6 +360,8 @@ def test_draw_edit_box_in_the_viewer_sets_the_edit_region(stage_one: Any, tmp_pa
         viewer.init_scene(train_dataset=pipeline.datamanager.train_dataset, train_state="training")
         with ViewerClient(port) as client:
             client.receive(3.0)
+            field = client.gui["Target prompt"]
+            assert field["type"] == "GuiAddTextMessage" and field["value"] == "a blue cube on grass"
             assert client.gui["Draw edit box"]["type"] == "GuiAddButtonMessage"
             assert client.gui["Edit box"]["value"] == ""
             # the first training camera, in viser's units and convention
@@ -395,8 +371,13 @@ def test_draw_edit_box_in_the_viewer_sets_the_edit_region(stage_one: Any, tmp_pa
 
             rotation = vtf.SO3.from_matrix(c2w[:, :3].numpy()) @ vtf.SO3.from_x_radians(np.pi)
             position = c2w[:, 3].numpy() * VISER_NERFSTUDIO_SCALE_RATIO
-            client.set_camera(tuple(rotation.wxyz), tuple(position), 0.9)
+            client.set_camera(tuple(rotation.wxyz), tuple(position), 0.9)  # the first camera registers the client
             client.receive(1.0)
+            client.set_value("Target prompt", "a green cube on grass")
+            deadline = time.monotonic() + 20.0
+            while model.config.target_prompt != "a green cube on grass" and time.monotonic() < deadline:
+                client.receive(0.5)
+            assert model.config.target_prompt == "a green cube on grass"
             client.set_value("Draw edit box", True)
             client.receive(1.0)
             client._send(
@@ -418,7 +399,8 @@ def test_draw_edit_box_in_the_viewer_sets_the_edit_region(stage_one: Any, tmp_pa
                 client.receive(0.5)
             assert model.config.edit_box is None
     finally:
-        pipeline._model = trained
+        model.config.edit_box = None
+        solid.__exit__(None, None, None)
         viewer.viser_server.stop()
         for machine in list(viewer.render_statemachines.values()):
             machine.running = False
