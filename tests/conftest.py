@@ -77,6 +77,8 @@ def short_run_config(
         for name, prompt in (("source_prompt", "a red cube on grass"), ("target_prompt", "a blue cube on grass")):
             if hasattr(model, name):
                 setattr(model, name, prompt)
+        if getattr(model, "prompt", None) == "":  # a method that distils from one prompt (head-stylize)
+            model.prompt = "a cartoon of a blue sphere on grass"
     return config
 
 

@@ -5,7 +5,8 @@ with a diffusion model, not random rays. :class:`GuidedDataManager` keeps nerfst
 (:class:`~nerfstudio.data.datamanagers.full_images_datamanager.FullImageDatamanager`, used by splatfacto):
 ``next_train(step)`` returns ``(Cameras, batch)``, images cached once (undistorted where needed) on the device
 named by ``cache_images``. What one step yields is a typed config (:data:`SamplingConfig`), shown by tyro as a
-subcommand (``sampling:view``, ``sampling:patch``, ``sampling:view-set``, ``sampling:mirrored-pair``):
+subcommand (``sampling:view``, ``sampling:patch``, ``sampling:view-set``, ``sampling:mirrored-pair``,
+``sampling:mirrored-view-set``):
 
 ========================  ==========================  =====================================================
 sampling                  cameras                     batch
@@ -14,7 +15,12 @@ sampling                  cameras                     batch
 ``patch``                 ``[1]`` (unchanged)         ``image`` cropped to ``patch = (top, left, h, w)``
 ``view-set``              ``[V]``, ``V = k*k``        ``image`` ``[V, H, W, C]``, ``image_idx`` ``[V]``
 ``mirrored-pair``         ``[2]``: camera, mirror     ``image`` ``[H, W, C]`` of the camera, ``mirrored``
+``mirrored-view-set``     ``[2V]``: views, mirrors    as ``view-set`` (of the ``V`` views), ``mirrored``
 ========================  ==========================  =====================================================
+
+The mirror plane of ``mirrored-view-set`` may be estimated from the training views
+(:func:`estimate_symmetry_plane`): through the cameras' look-at centre, containing their mean up direction, turned
+so that the views best mirror each other.
 
 Every batch carries ``scale``: the resolution factor the model renders at (``render_camera(camera,
 scale=batch["scale"], patch=batch.get("patch"))``, e.g. 1/8 for Stable Diffusion latents). Images are NOT
@@ -31,6 +37,7 @@ import hashlib
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
@@ -48,6 +55,8 @@ __all__ = [
     "GuidedSampler",
     "MirroredPairSampling",
     "MirroredPairSamplingConfig",
+    "MirroredViewSetSampling",
+    "MirroredViewSetSamplingConfig",
     "PatchSampling",
     "PatchSamplingConfig",
     "SamplingConfig",
@@ -55,6 +64,10 @@ __all__ = [
     "ViewSamplingConfig",
     "ViewSetSampling",
     "ViewSetSamplingConfig",
+    "cameras_at_size",
+    "concat_cameras",
+    "estimate_symmetry_plane",
+    "look_at_centre",
     "mirror_camera_to_worlds",
     "mirror_cameras",
     "seeded_generator",
@@ -155,6 +168,116 @@ def mirror_cameras(cameras: Cameras, normal: Float[Tensor, "3"], point: Float[Te
         camera_type=cameras.camera_type,
         times=cameras.times,
     )
+
+
+def concat_cameras(*cameras: Cameras) -> Cameras:
+    """One ``Cameras`` of shape ``[sum N_i]`` from flat camera sets ``[N_i]`` (metadata dropped)."""
+    if not cameras or any(len(c.shape) != 1 for c in cameras):
+        raise ValueError("concat_cameras takes one or more flat camera sets [N]")
+
+    def cat(name: str) -> Tensor | None:
+        values = [getattr(c, name) for c in cameras]
+        return None if any(v is None for v in values) else torch.cat(values)
+
+    return Cameras(
+        camera_to_worlds=torch.cat([c.camera_to_worlds for c in cameras]),
+        fx=torch.cat([c.fx for c in cameras]),
+        fy=torch.cat([c.fy for c in cameras]),
+        cx=torch.cat([c.cx for c in cameras]),
+        cy=torch.cat([c.cy for c in cameras]),
+        width=torch.cat([c.width for c in cameras]),
+        height=torch.cat([c.height for c in cameras]),
+        distortion_params=cat("distortion_params"),
+        camera_type=torch.cat([c.camera_type for c in cameras]),
+        times=cat("times"),
+    )
+
+
+def cameras_at_size(cameras: Cameras, height: int, width: int) -> Cameras:
+    """The cameras with images of exactly ``height x width`` pixels: focal lengths and principal points scaled per
+    axis (``width / W`` and ``height / H``), so the picture covers the same field of view (squeezed when the aspect
+    ratio changes). Unlike ``Cameras.rescale_output_resolution``, no rounding can miss the size."""
+    sx = width / cameras.width.to(cameras.fx)
+    sy = height / cameras.height.to(cameras.fy)
+    return Cameras(
+        camera_to_worlds=cameras.camera_to_worlds,
+        fx=cameras.fx * sx,
+        fy=cameras.fy * sy,
+        cx=cameras.cx * sx,
+        cy=cameras.cy * sy,
+        width=torch.full_like(cameras.width, width),
+        height=torch.full_like(cameras.height, height),
+        distortion_params=cameras.distortion_params,
+        camera_type=cameras.camera_type,
+        times=cameras.times,
+        metadata=cameras.metadata,
+    )
+
+
+def look_at_centre(c2w: Float[Tensor, "N 3 4"]) -> Float[Tensor, "3"]:
+    """The point nearest (least squares) to every camera's optical axis: the centre an inward-facing rig looks at.
+
+    Raises:
+        ValueError: the optical axes are (nearly) parallel, so they have no common centre.
+    """
+    poses = c2w.double()
+    origins = poses[:, :3, 3]
+    forward = -poses[:, :3, 2] / torch.linalg.norm(poses[:, :3, 2], dim=-1, keepdim=True)
+    projections = torch.eye(3, dtype=poses.dtype) - forward[:, :, None] * forward[:, None, :]  # [N, 3, 3]
+    lhs = projections.sum(0)
+    rhs = (projections @ origins[..., None]).sum(0)[:, 0]
+    eigenvalues = torch.linalg.eigvalsh(lhs)
+    if not eigenvalues[0] > 1e-3 * eigenvalues[-1]:
+        raise ValueError("the cameras' optical axes are (nearly) parallel: they look at no common centre")
+    return torch.linalg.solve(lhs, rhs).to(c2w.dtype)
+
+
+def estimate_symmetry_plane(
+    c2w: Float[Tensor, "N 3 4"],
+    images: Float[Tensor, "N C H W"],
+    point: Float[Tensor, "3"] | None = None,
+    num_candidates: int = 180,
+) -> tuple[Float[Tensor, "3"], Float[Tensor, "3"]]:
+    """The mirror-symmetry plane of a subject (e.g. a head) from its captured views.
+
+    The plane passes through ``point`` (default :func:`look_at_centre`) and contains the cameras' mean up direction;
+    of ``num_candidates`` turns of it about that axis (over 180 degrees), the one is chosen under which the views
+    best mirror each other: camera ``i``'s mirror camera (:func:`mirror_camera_to_worlds`) is matched to the
+    nearest training camera ``j`` (centre and viewing direction), and the mean of ``|flip(image_i) - image_j|`` is
+    lowest. This needs cameras dense enough that a mirrored pose has a neighbour, as in 360-degree captures.
+
+    Args:
+        c2w: Training camera-to-world poses ``[N, 3, 4]``.
+        images: Their images ``[N, C, H, W]`` (small thumbnails are enough), one size.
+        point: A point of the plane; None: the cameras' look-at centre.
+        num_candidates: Plane orientations tried.
+
+    Returns:
+        The plane's unit normal ``[3]`` and a point of it ``[3]``, in the poses' frame.
+    """
+    if images.ndim != 4 or images.shape[0] != c2w.shape[0]:
+        raise ValueError(f"need one image [C, H, W] per camera, got {tuple(images.shape)} for {c2w.shape[0]} cameras")
+    poses = c2w.double()
+    centre = look_at_centre(poses) if point is None else point.double()
+    up = poses[:, :3, 1].mean(0)
+    up = up / torch.linalg.norm(up)
+    helper = torch.eye(3, dtype=poses.dtype)[int(torch.argmin(up.abs()))]
+    first = torch.linalg.cross(up, helper)
+    first = first / torch.linalg.norm(first)
+    second = torch.linalg.cross(up, first)
+    origins, forward = poses[:, :3, 3], -poses[:, :3, 2]
+    radius = torch.linalg.norm(origins - centre, dim=-1).mean().clamp_min(1e-6)
+    pictures, flipped = images.float(), images.float().flip(-1)
+    errors = []
+    for angle in torch.arange(num_candidates, dtype=poses.dtype) * (math.pi / num_candidates):
+        normal = torch.cos(angle) * first + torch.sin(angle) * second
+        mirrored = mirror_camera_to_worlds(poses, normal, centre)
+        centres = (torch.cdist(mirrored[:, :3, 3], origins) / radius) ** 2  # [N, N]: mirror i to camera j
+        directions = torch.cdist(-mirrored[:, :3, 2], forward) ** 2
+        errors.append((flipped - pictures[(centres + directions).argmin(-1)]).abs().mean())
+    best = float(torch.stack(errors).argmin()) * math.pi / num_candidates
+    normal = math.cos(best) * first + math.sin(best) * second
+    return normal.to(c2w.dtype), centre.to(c2w.dtype)
 
 
 # ---------------------------------------------------------------------- what one step yields
@@ -363,11 +486,98 @@ class MirroredPairSampling(GuidedSampler):
         return 2 * int(height * scale) * int(width * scale)
 
 
+@dataclass
+class MirroredViewSetSamplingConfig(InstantiateConfig):
+    """k×k different views per step, each with its mirror camera about the subject's symmetry plane."""
+
+    _target: type = field(default_factory=lambda: MirroredViewSetSampling)
+    grid_k: int = 2
+    """Grid side k: each step yields ``k*k`` different views, in row-major grid order, and their mirror cameras."""
+    normal: tuple[float, float, float] | None = None
+    """Normal of the symmetry plane, in ``frame``; None: estimated from the training views (the plane through
+    ``point`` and the cameras' mean up direction under which the views best mirror each other)."""
+    point: tuple[float, float, float] | None = None
+    """A point of the plane, in ``frame``; None: the point the training cameras look at (least squares)."""
+    frame: Literal["input", "dataparser"] = "input"
+    """Frame of ``normal`` and ``point``: "input", the poses as given (transforms.json), mapped through the
+    dataparser's transform and scale; or "dataparser", nerfstudio's normalised world frame (the viewer's)."""
+
+
+class MirroredViewSetSampling(GuidedSampler):
+    """Cameras ``[2V]``: the ``V = k*k`` views of :class:`ViewSetSampling` followed by their mirror cameras in the
+    same order (:func:`mirror_cameras`); the batch is the view set's plus ``mirrored = True``. The render of camera
+    ``V + i`` flipped horizontally lines up with camera ``i``'s view (exactly, for a scene symmetric about the plane).
+
+    Attributes:
+        normal: The plane's unit normal ``[3]`` in nerfstudio's world frame.
+        point: A point of the plane ``[3]`` in nerfstudio's world frame.
+    """
+
+    config: MirroredViewSetSamplingConfig
+
+    def __init__(
+        self,
+        config: MirroredViewSetSamplingConfig,
+        dataparser_outputs: DataparserOutputs | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(config, **kwargs)
+        self.view_set = ViewSetSampling(ViewSetSamplingConfig(grid_k=config.grid_k))
+        self.views_per_step = self.view_set.views_per_step
+        normal = None if config.normal is None else torch.tensor(config.normal, dtype=torch.float32)
+        point = None if config.point is None else torch.tensor(config.point, dtype=torch.float32)
+        if normal is not None and not torch.linalg.norm(normal) > 0:
+            raise ValueError("the mirror plane's normal must not be zero")
+        if config.frame == "input" and dataparser_outputs is not None:
+            transform = dataparser_outputs.dataparser_transform.float()  # x_ns = s * (R x + t)
+            normal = None if normal is None else transform[:3, :3] @ normal
+            if point is not None:
+                point = dataparser_outputs.dataparser_scale * (transform[:3, :3] @ point + transform[:3, 3])
+        if normal is None or point is None:
+            if dataparser_outputs is None:
+                raise ValueError("estimating the mirror plane needs the training views: give normal and point")
+            c2w = dataparser_outputs.cameras.camera_to_worlds.float()
+            if normal is None:
+                thumbnails = _thumbnails(dataparser_outputs.image_filenames)
+                normal, point = estimate_symmetry_plane(c2w, thumbnails, point)
+            else:
+                point = look_at_centre(c2w)
+        self.normal = normal / torch.linalg.norm(normal)
+        self.point = point
+
+    def make_batch(
+        self, cameras: Cameras, views: list[dict[str, Any]], generator: torch.Generator, scale: float
+    ) -> tuple[Cameras, dict[str, Any]]:
+        cameras, batch = self.view_set.make_batch(cameras, views, generator, scale)
+        batch["mirrored"] = True
+        return concat_cameras(cameras, mirror_cameras(cameras, self.normal, self.point)), batch
+
+    def rays_per_step(self, height: int, width: int, scale: float) -> int:
+        return 2 * self.view_set.rays_per_step(height, width, scale)
+
+
+def _thumbnails(filenames: list[Path], size: int = 32) -> Float[Tensor, "N 3 S S"]:
+    """The images at ``size x size`` pixels (box filter), RGB in [0, 1], transparent parts over white."""
+    from PIL import Image
+
+    pictures = []
+    for name in filenames:
+        with Image.open(name) as image:
+            rgba = image.convert("RGBA").resize((size, size), Image.Resampling.BOX)
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        rgb = torch.frombuffer(
+            bytearray(Image.alpha_composite(white, rgba).convert("RGB").tobytes()), dtype=torch.uint8
+        )
+        pictures.append(rgb.view(size, size, 3).permute(2, 0, 1).float() / 255.0)
+    return torch.stack(pictures)
+
+
 SamplingConfig = (
     Annotated[ViewSamplingConfig, tyro.conf.subcommand(name="view")]
     | Annotated[PatchSamplingConfig, tyro.conf.subcommand(name="patch")]
     | Annotated[ViewSetSamplingConfig, tyro.conf.subcommand(name="view-set")]
     | Annotated[MirroredPairSamplingConfig, tyro.conf.subcommand(name="mirrored-pair")]
+    | Annotated[MirroredViewSetSamplingConfig, tyro.conf.subcommand(name="mirrored-view-set")]
 )
 """What one training step yields; tyro shows the choices as ``sampling:<name>`` subcommands."""
 

@@ -244,9 +244,10 @@ class MMStyleBaseModel(Model):
 
     @torch.no_grad()
     def adopt_geometry(self, state: dict[str, Tensor]) -> None:
-        """Takes the geometry of another run of this model family: the density grid, the box it spans and the
-        occupancy, from a pipeline state dict (a nerfstudio checkpoint's ``"pipeline"``). The appearance grid starts
-        afresh (its channels may differ, e.g. RGB vs. latents) and the geometry stays frozen."""
+        """Takes the geometry of another run of this model family: the density grid and the box it spans, from a
+        pipeline state dict (a nerfstudio checkpoint's ``"pipeline"``), resampled to this model's final grid
+        resolution (``grid_resolutions[-1]``). The appearance grid starts afresh (its channels may differ, e.g. RGB
+        vs. latents), the occupancy follows the density, and the geometry stays frozen."""
 
         def pick(name: str) -> Tensor:
             found = [value for key, value in state.items() if key.endswith(name)]
@@ -266,8 +267,9 @@ class MMStyleBaseModel(Model):
         field.grid_dims.copy_(pick("field.grid_dims"))
         field.density_grid = Parameter(density.contiguous(), requires_grad=False)
         field.feature_grid = Parameter(torch.randn(density.shape[0], field.feature_dim, device=density.device) * 0.1)
-        self.sampler.occupancy = pick("sampler.occupancy").to(self.sampler.occupancy.device).clone()
-        self.sampler.initialized.fill_(True)
+        field.regrid(field.aabb.clone(), self.config.grid_resolutions[-1])
+        field.density_grid.requires_grad_(False)
+        self.sampler.update(field)
         self.views_initialized.fill_(True)
         self.geometry_frozen = True
 

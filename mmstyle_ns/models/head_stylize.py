@@ -1,0 +1,155 @@
+"""``head-stylize``: identity-preserving head stylization (Bilecen et al., `arXiv 2411.13536
+<https://arxiv.org/abs/2411.13536>`_) of a trained base field's colours by likelihood distillation.
+
+A step of the guided stage, over what :class:`~mmstyle_ns.data.datamanagers.GuidedDataManager` draws (by default
+``sampling:mirrored-view-set``: ``k x k`` training cameras and their mirror cameras about the head's symmetry plane):
+
+* every camera is rendered with gradients at the tile size: the ``k x k`` tiles together are the teacher's input
+  size (its UNet's ``sample_size`` latents), so one grid is one diffusion input;
+* the renders are encoded by the frozen VAE (gradients go through the encoder to the renders), the views' latents
+  tiled into one grid (:func:`~mmstyle_ns.guidance.scores.pack_grid`) and scored once by the rule, rank-weighted
+  likelihood distillation by default (:class:`~mmstyle_ns.guidance.rules.LDConfig`: ``s (eps_c - eps_u)`` weighted
+  by ``sqrt(alpha_bar_t)``, SVD rank weights, per-channel statistics restored), with the rendered silhouette (the
+  accumulation) as the mask;
+* each tile's gradient goes to its view and, flipped, to its mirror view
+  (:func:`~mmstyle_ns.guidance.scores.mirror_pair_loss`, weights 0.75 / 0.25).
+
+The density stays frozen (``freeze_geometry``). Stage 1 (``reconstruction_steps``, 0 by default: start from a
+trained ``mmstyle-base`` run with ``--load-dir``) fits the views at the tile size with the base model's losses.
+Viewer, ``ns-render`` and evaluation render the RGB field as the base model does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from nerfstudio.cameras.cameras import Cameras
+from torch import Tensor
+
+from mmstyle_ns.data.datamanagers import cameras_at_size
+from mmstyle_ns.guidance.rules import LDConfig, ScoreInputs, ScoreRuleConfig, SDSConfig
+from mmstyle_ns.guidance.scores import mirror_pair_loss, pack_grid, surrogate_loss, unpack_grid
+from mmstyle_ns.models.guided import GuidedModel, GuidedModelConfig
+
+
+@dataclass
+class HeadStylizeModelConfig(GuidedModelConfig):
+    """Head stylization: grid-packed views and mirror gradients scored by rank-weighted likelihood distillation."""
+
+    _target: type = field(default_factory=lambda: HeadStylizeModel)
+    reconstruction_steps: int = 0
+    """Steps of stage 1 (fitting the views) before the stylization; 0 when --load-dir starts from a trained
+    mmstyle-base run."""
+    rule: ScoreRuleConfig = field(default_factory=LDConfig)
+    """Score rule: rule:ld (rank-weighted likelihood distillation, the paper's) or rule:sds."""
+    prompt: str = ""
+    """What the stylized head should look like, e.g. "a cartoon of a red sphere on a plain floor" (toy teacher)."""
+    negative_prompt: str = ""
+    """Prompt of classifier-free guidance's unconditional branch (empty: the empty prompt)."""
+    mirror_weights: tuple[float, float] = (0.75, 0.25)
+    """Shares of a view's gradient that go to the view and, flipped, to its mirror view (with mirrored sampling)."""
+    tile_latents: int | None = None
+    """Side of each view's tile in latents; None: the teacher's sample size divided by the grid side k (rounded)."""
+    silhouette_mask: bool = True
+    """Multiply the score's gradient by the rendered silhouette (accumulation): nothing changes off the head."""
+    score_mult: float = 1.0
+    """Weight of the score's loss."""
+
+    def __post_init__(self) -> None:
+        if min(self.mirror_weights) < 0:
+            raise ValueError(f"mirror_weights must not be negative, got {self.mirror_weights}")
+        if self.tile_latents is not None and self.tile_latents < 1:
+            raise ValueError(f"tile_latents must be >= 1, got {self.tile_latents}")
+
+
+class HeadStylizeModel(GuidedModel):
+    """The base RGB field stylized by grid-packed, mirrored likelihood distillation (see the module docstring)."""
+
+    config: HeadStylizeModelConfig
+
+    def start_guided_stage(self) -> None:
+        """Freezes the geometry (if configured); from now on training renders are composited over background_color,
+        as the teacher is to see them (stage 1 may have used random backgrounds)."""
+        super().start_guided_stage()
+        self.renderer_rgb.background_color = self.config.background_color
+
+    def tile_side(self, k: int) -> int:
+        """Pixels per side of one view's render in a ``k x k`` grid (a multiple of the VAE's factor)."""
+        latents = self.config.tile_latents
+        if latents is None:
+            sample = self.backbone.unet.config.sample_size
+            sample = min(sample) if isinstance(sample, list | tuple) else int(sample)
+            latents = max(1, round(sample / k))
+        return latents * int(self.backbone.vae_scale_factor)
+
+    def guided_outputs(self, camera: Cameras, batch: dict[str, Any], step: int) -> dict[str, Tensor]:
+        """Renders of the step's views (and, in the guided stage, their mirrors) at the tile size, ``[n, 3, s, s]``.
+
+        ``camera`` holds ``V = k*k`` views (``batch["image"]`` ``[V, H, W, C]``; one view: ``[H, W, C]``), followed
+        by their ``V`` mirror cameras when ``batch["mirrored"]``.
+        """
+        views = batch["image"].shape[0] if batch["image"].ndim == 4 else 1
+        k = math.isqrt(views)
+        if k * k != views:
+            raise ValueError(f"{views} views per step do not fill a k x k grid")
+        mirrored = bool(batch.get("mirrored", False))
+        count = 2 * views if mirrored and self.guided_stage else views
+        side = self.tile_side(k)
+        cameras = cameras_at_size(camera.flatten(), side, side)
+        renders = [self.render_camera(cameras[i : i + 1]) for i in range(count)]
+        rgb = torch.stack([r["rgb"] for r in renders])  # [n, s, s, 3]
+        accumulation = torch.stack([r["accumulation"] for r in renders])
+        outputs = {
+            "rgb": rgb[:views],
+            "accumulation": accumulation[:views],
+            "renders": rgb.permute(0, 3, 1, 2),
+            "silhouette": accumulation[:views].detach().permute(0, 3, 1, 2),
+        }
+        for name in ("distortion_loss", "num_samples_per_ray"):
+            if name in renders[0]:
+                outputs[name] = torch.stack([r[name] for r in renders]).mean()
+        return outputs
+
+    @staticmethod
+    def tile_batch(batch: dict[str, Any], side: int) -> dict[str, Any]:
+        """The batch with its images ``[V, s, s, C]`` at the tile size (area-averaged), to compare with renders."""
+        image = batch["image"] if batch["image"].ndim == 4 else batch["image"][None]
+        tiles = F.interpolate(image.permute(0, 3, 1, 2).float(), size=(side, side), mode="area")
+        return {**batch, "image": tiles.permute(0, 2, 3, 1)}
+
+    def get_metrics_dict(self, outputs: dict[str, Tensor], batch: dict[str, Any]) -> dict[str, Tensor]:
+        """The base model's metrics against the views at the tile size (in the guided stage: distance to the
+        photos)."""
+        detached = {**outputs, "rgb": outputs["rgb"].detach()}
+        return super().get_metrics_dict(detached, self.tile_batch(batch, outputs["rgb"].shape[1]))
+
+    def get_loss_dict(
+        self, outputs: dict[str, Tensor], batch: dict[str, Any], metrics_dict: dict[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
+        if not self.guided_stage or not self.training:  # stage 1, and evaluation: the distance to the photos
+            return super().get_loss_dict(outputs, self.tile_batch(batch, outputs["rgb"].shape[1]), metrics_dict)
+        views = outputs["rgb"].shape[0]
+        latents = self.backbone.encode_images(outputs["renders"])  # [n, c, h, w], differentiable
+        mask = None
+        if self.config.silhouette_mask:
+            mask = pack_grid(F.interpolate(outputs["silhouette"], size=latents.shape[-2:], mode="area"))
+        inputs = ScoreInputs(
+            latents=pack_grid(latents[:views]),
+            target_text=self.config.prompt,
+            mask=None if isinstance(self.config.rule, SDSConfig) else mask,  # SDS takes no mask: applied below
+            negative_text=self.config.negative_prompt or None,
+        )
+        step, max_steps = self.guided_progress()
+        score = self.rule.loss(self.backbone, inputs, step=step, max_steps=max_steps)
+        grad = score.grad if mask is None or inputs.mask is not None else score.grad * mask
+        tiles = unpack_grid(grad, math.isqrt(views))  # each view's share of the grid's gradient
+        if latents.shape[0] == views:
+            loss = surrogate_loss(latents, tiles)
+        else:
+            weight, mirror_weight = self.config.mirror_weights
+            loss = mirror_pair_loss(latents[:views], latents[views:], tiles, weight, mirror_weight)
+        return {"score_loss": self.config.score_mult * loss}
