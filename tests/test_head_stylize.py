@@ -147,9 +147,10 @@ def test_the_mirrored_render_of_a_symmetric_scene_is_the_flipped_render(backbone
 
 
 def _spy(monkeypatch: pytest.MonkeyPatch, model: HeadStylizeModel, backbone: DiffusionBackbone) -> dict[str, Any]:
-    """Records what the rule is given and returns, and the encoded latents (with their gradient kept)."""
+    """Records what the rule is given and returns, the encoded latents (with their gradient kept when they have
+    one) and the renders' gradient."""
     seen: dict[str, Any] = {}
-    rule_loss, encode = model.rule.loss, backbone.encode_images
+    rule_loss, encode, outputs = model.rule.loss, backbone.encode_images, model.guided_outputs
 
     def loss(*args: Any, **kwargs: Any) -> Any:
         seen["inputs"], seen["score"] = args[1], rule_loss(*args, **kwargs)
@@ -157,12 +158,20 @@ def _spy(monkeypatch: pytest.MonkeyPatch, model: HeadStylizeModel, backbone: Dif
 
     def encode_images(images: torch.Tensor) -> torch.Tensor:
         latents = encode(images)
-        latents.retain_grad()
+        if latents.requires_grad:
+            latents.retain_grad()
         seen["latents"] = latents
         return latents
 
+    def guided_outputs(*args: Any) -> dict[str, torch.Tensor]:
+        out = outputs(*args)
+        out["renders"].retain_grad()
+        seen["renders"] = out["renders"]
+        return out
+
     monkeypatch.setattr(model.rule, "loss", loss)
     monkeypatch.setattr(backbone, "encode_images", encode_images)
+    monkeypatch.setattr(model, "guided_outputs", guided_outputs)
     return seen
 
 
@@ -172,10 +181,13 @@ def _ring(count: int) -> Cameras:
     return concat_cameras(*[_camera(eye) for eye in eyes])
 
 
+@pytest.mark.parametrize("path", ["decoder", "encoder"])
 def test_grid_distillation_scores_the_views_once_and_sends_each_tile_to_its_view_and_its_mirror(
-    backbone: DiffusionBackbone, monkeypatch: pytest.MonkeyPatch
+    path: str, backbone: DiffusionBackbone, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model = _head_model(backbone)
+    """One grid is scored per step; tile i's latent gradient g reaches view i (x 0.75) and, flipped, its mirror
+    (x 0.25): through the decoder as the image step (D(z) - D(z - g)) / 2, or through the encoder as J_E^T g."""
+    model = _head_model(backbone, gradient_path=path, silhouette_mask=False)
     model.start_guided_stage()
     seen = _spy(monkeypatch, model, backbone)
     views = _ring(4)
@@ -194,11 +206,41 @@ def test_grid_distillation_scores_the_views_once_and_sends_each_tile_to_its_view
     torch.testing.assert_close(grid[0, :, 4:, :4], latents[2].detach())
     tiles = unpack_grid(seen["score"].grad, 2)
     assert all(float((tiles[i] - tiles[j]).abs().max()) > 0 for i in range(4) for j in range(i))
-    torch.testing.assert_close(latents.grad[:4], 0.75 * tiles)
-    torch.testing.assert_close(latents.grad[4:], 0.25 * tiles.flip(-1))
+    renders = seen["renders"]
+    if path == "encoder":
+        torch.testing.assert_close(latents.grad[:4], 0.75 * tiles)
+        torch.testing.assert_close(latents.grad[4:], 0.25 * tiles.flip(-1))
+    else:
+        assert not latents.requires_grad  # no encoder backward
+        scale = float(backbone.vae.config.scaling_factor)
+        with torch.no_grad():
+            step = (
+                backbone.vae.decode(latents[:4] / scale).sample
+                - backbone.vae.decode((latents[:4] - tiles) / scale).sample
+            ) / 2
+        assert float(step.abs().max()) > 0
+        torch.testing.assert_close(renders.grad[:4], 0.75 * step, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(renders.grad[4:], 0.25 * step.flip(-1), atol=1e-6, rtol=1e-4)
     # the score reaches the colours; the frozen density gets nothing
     assert model.field.density_grid.grad is None
     assert model.field.feature_grid.grad is not None and float(model.field.feature_grid.grad.abs().max()) > 0
+
+
+def test_the_decoder_step_is_the_decoders_change_for_the_latent_step(backbone: DiffusionBackbone) -> None:
+    """image_step is D's response to the latent step -g in [0, 1] units: ~J_D g / 2 for a small g (checked against
+    the decoder's backward, <u, J_D g> = <J_D^T u, g>; the decoder's reconstruction error cancels), zero for g = 0."""
+    model = _head_model(backbone)
+    torch.manual_seed(0)
+    latents, direction = torch.randn(2, backbone.latent_channels, 4, 4), torch.randn(2, backbone.latent_channels, 4, 4)
+    probe = torch.randn(2, 3, 32, 32)
+    scale = float(backbone.vae.config.scaling_factor)
+    z = latents.clone().requires_grad_(True)
+    (vjp,) = torch.autograd.grad((backbone.vae.decode(z / scale).sample * probe).sum(), z)
+    expected = float((vjp * direction).sum()) / 2
+    small = model.image_step(latents, 1e-3 * direction)
+    assert small.shape == (2, 3, 32, 32) and abs(expected) > 0
+    assert float((small * probe).sum()) / 1e-3 == pytest.approx(expected, rel=1e-2)
+    assert float(model.image_step(latents, torch.zeros_like(latents)).abs().max()) == 0.0
 
 
 def test_geometry_changes_only_when_asked(backbone: DiffusionBackbone) -> None:
@@ -211,13 +253,14 @@ def test_geometry_changes_only_when_asked(backbone: DiffusionBackbone) -> None:
         assert (density is not None and float(density.abs().max()) > 0) == (not freeze)
 
 
+@pytest.mark.parametrize("path", ["decoder", "encoder"])
 @pytest.mark.parametrize("rule", ["ld", "sds"])
 def test_the_silhouette_mask_zeroes_the_gradient_off_the_head(
-    rule: str, backbone: DiffusionBackbone, monkeypatch: pytest.MonkeyPatch
+    rule: str, path: str, backbone: DiffusionBackbone, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from mmstyle_ns.guidance.rules import LDConfig, SDSConfig
 
-    model = _head_model(backbone, rule=LDConfig() if rule == "ld" else SDSConfig())
+    model = _head_model(backbone, rule=LDConfig() if rule == "ld" else SDSConfig(), gradient_path=path)
     model.start_guided_stage()
     seen = _spy(monkeypatch, model, backbone)
     camera, batch = _ring(1), {"image": torch.ones(1, 32, 32, 4)}
@@ -226,7 +269,8 @@ def test_the_silhouette_mask_zeroes_the_gradient_off_the_head(
         torch.manual_seed(0)
         outputs = model.guided_outputs(camera, batch, 0)
         model.get_loss_dict(outputs, batch)["score_loss"].backward()
-        grad = seen["latents"].grad  # [1, c, 8, 8]: one view, its tile is the whole grid
+        # encoder: the latents' gradient [1, c, 8, 8] (one view, its tile is the whole grid); decoder: the render's
+        grad = seen["latents"].grad if path == "encoder" else seen["renders"].grad
         silhouette = torch.nn.functional.interpolate(outputs["silhouette"], size=grad.shape[-2:], mode="area")
         off, on = silhouette[0, 0] == 0, silhouette[0, 0] > 0.9
         assert int(off.sum()) >= 8 and int(on.sum()) >= 8  # the head fills part of the picture

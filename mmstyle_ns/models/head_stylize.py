@@ -6,11 +6,18 @@ A step of the guided stage, over what :class:`~mmstyle_ns.data.datamanagers.Guid
 
 * every camera is rendered with gradients at the tile size: the ``k x k`` tiles together are the teacher's input
   size (its UNet's ``sample_size`` latents), so one grid is one diffusion input;
-* the renders are encoded by the frozen VAE (gradients go through the encoder to the renders), the views' latents
-  tiled into one grid (:func:`~mmstyle_ns.guidance.scores.pack_grid`) and scored once by the rule, rank-weighted
-  likelihood distillation by default (:class:`~mmstyle_ns.guidance.rules.LDConfig`: ``s (eps_c - eps_u)`` weighted
-  by ``sqrt(alpha_bar_t)``, SVD rank weights, per-channel statistics restored), with the rendered silhouette (the
+* the renders are encoded by the frozen VAE, the views' latents tiled into one grid
+  (:func:`~mmstyle_ns.guidance.scores.pack_grid`) and scored once by the rule, rank-weighted likelihood
+  distillation by default (:class:`~mmstyle_ns.guidance.rules.LDConfig`: ``s (eps_c - eps_u)`` weighted by
+  ``sqrt(alpha_bar_t)``, SVD rank weights, per-channel statistics restored), with the rendered silhouette (the
   accumulation) as the mask;
+* each tile's latent gradient ``g`` reaches its render through the VAE decoder (``gradient_path: decoder``, the
+  default): the render's gradient is the image-space step ``(D(z) - D(z - g)) / 2`` (``D`` the decoder, output in
+  [-1, 1]; its reconstruction error cancels), masked by the silhouette at full resolution. Backpropagation
+  through the encoder instead (``gradient_path: encoder``, ``J_E^T g``) is the textbook route, but an encoder's
+  transposed Jacobian need not look like an image: the toy teacher's (examples/toy-teacher) turns a smooth latent
+  step into stripes along rows at the latent period, and as the cameras all sit near one height every view puts
+  them at the same heights of the head — horizontal bands and speckle instead of a style;
 * each tile's gradient goes to its view and, flipped, to its mirror view
   (:func:`~mmstyle_ns.guidance.scores.mirror_pair_loss`, weights 0.75 / 0.25).
 
@@ -23,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +65,10 @@ class HeadStylizeModelConfig(GuidedModelConfig):
     """Multiply the score's gradient by the rendered silhouette (accumulation): nothing changes off the head."""
     score_mult: float = 1.0
     """Weight of the score's loss."""
+    gradient_path: Literal["decoder", "encoder"] = "decoder"
+    """How a tile's latent gradient g reaches its render: 'decoder' the image-space step (D(z) - D(z - g)) / 2
+    through the VAE decoder D (no encoder backward); 'encoder' backpropagation through the VAE encoder (J_E^T g:
+    horizontal bands with examples/toy-teacher, whose encoder Jacobian is striped along rows)."""
 
     def __post_init__(self) -> None:
         if min(self.mirror_weights) < 0:
@@ -133,7 +144,10 @@ class HeadStylizeModel(GuidedModel):
         if not self.guided_stage or not self.training:  # stage 1, and evaluation: the distance to the photos
             return super().get_loss_dict(outputs, self.tile_batch(batch, outputs["rgb"].shape[1]), metrics_dict)
         views = outputs["rgb"].shape[0]
-        latents = self.backbone.encode_images(outputs["renders"])  # [n, c, h, w], differentiable
+        k = math.isqrt(views)
+        through_decoder = self.config.gradient_path == "decoder"
+        with torch.set_grad_enabled(not through_decoder):
+            latents = self.backbone.encode_images(outputs["renders"])  # [n, c, h, w]
         mask = None
         if self.config.silhouette_mask:
             mask = pack_grid(F.interpolate(outputs["silhouette"], size=latents.shape[-2:], mode="area"))
@@ -146,10 +160,29 @@ class HeadStylizeModel(GuidedModel):
         step, max_steps = self.guided_progress()
         score = self.rule.loss(self.backbone, inputs, step=step, max_steps=max_steps)
         grad = score.grad if mask is None or inputs.mask is not None else score.grad * mask
-        tiles = unpack_grid(grad, math.isqrt(views))  # each view's share of the grid's gradient
-        if latents.shape[0] == views:
-            loss = surrogate_loss(latents, tiles)
+        tiles = unpack_grid(grad, k)  # each view's share of the grid's gradient
+        targets = latents
+        if through_decoder:
+            tiles = self.image_step(latents[:views], tiles)
+            if self.config.silhouette_mask:
+                tiles = tiles * outputs["silhouette"]
+            targets = outputs["renders"]
+        if targets.shape[0] == views:
+            loss = surrogate_loss(targets, tiles)
         else:
             weight, mirror_weight = self.config.mirror_weights
-            loss = mirror_pair_loss(latents[:views], latents[views:], tiles, weight, mirror_weight)
+            loss = mirror_pair_loss(targets[:views], targets[views:], tiles, weight, mirror_weight)
         return {"score_loss": self.config.score_mult * loss}
+
+    @torch.no_grad()
+    def image_step(self, latents: Tensor, grad: Tensor) -> Tensor:
+        """The image-space gradient of renders encoded as ``latents`` for the latent gradient ``grad`` (both
+        ``[V, c, h, w]``): ``(D(z) - D(z - g)) / 2``, ``D`` the VAE decoder (output in [-1, 1], not clamped), i.e.
+        the change of the decoded picture when the latents take the step ``-g``, in the renders' [0, 1] units."""
+        vae = self.backbone.vae
+        scale = float(vae.config.scaling_factor)
+        z = latents.detach().to(self.backbone.device, self.backbone.dtype)
+        g = grad.detach().to(z.device, z.dtype)
+        decoded = vae.decode(torch.cat([z, z - g]) / scale).sample.float()
+        before, after = decoded.chunk(2)
+        return ((before - after) / 2).to(latents.device)
