@@ -21,7 +21,6 @@ Diffusion's latent space edited with Delta Denoising Score.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -191,19 +190,13 @@ class EDNeRFModel(GuidedModel):
     def latent_camera(self, camera: Cameras) -> Cameras:
         """The camera at the latent size of its image: the VAE's input side is the nearest multiple of its
         downsampling factor (:func:`~mmstyle_ns.data.latents.vae_input_size`), intrinsics scaled per axis."""
+        from mmstyle_ns.data.datamanagers import cameras_at_size
         from mmstyle_ns.data.latents import vae_input_size
 
         factor = int(self.backbone.vae_scale_factor)
         height, width = int(camera.height.reshape(-1)[0]), int(camera.width.reshape(-1)[0])
         vae_h, vae_w = vae_input_size(height, width, factor)
-        latent_h, latent_w = vae_h // factor, vae_w // factor
-        sx, sy = latent_w / width, latent_h / height
-        scaled = copy.deepcopy(camera)
-        scaled.fx, scaled.cx = scaled.fx * sx, scaled.cx * sx
-        scaled.fy, scaled.cy = scaled.fy * sy, scaled.cy * sy
-        scaled.width = torch.full_like(scaled.width, latent_w)
-        scaled.height = torch.full_like(scaled.height, latent_h)
-        return scaled
+        return cameras_at_size(camera, vae_h // factor, vae_w // factor)
 
     def latent_views(self, camera: Cameras, patch: tuple[int, int, int, int] | None = None) -> dict[str, Tensor]:
         """Rendered and refined latent image ``[1, c, h, w]`` of a camera at latent resolution (with gradients)."""
