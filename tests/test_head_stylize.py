@@ -309,6 +309,14 @@ def test_a_short_run_from_a_base_run_stylizes_the_colours_and_renders(
     assert float((model.field.feature_grid - base_field.feature_grid).abs().max()) > 1e-3
     _, losses, metrics = trainer.pipeline.get_eval_loss_dict(44)  # what the trainer logs as "Eval Loss"
     assert set(losses) == {"rgb_loss"} and math.isfinite(float(losses["rgb_loss"])) and "psnr" in metrics
+    field = model.viewer_prompt  # the viewer's "Prompt" text field: typing a prompt restyles from the next step
+    assert field.name == "Prompt" and field.default_value == PROMPT
+    field.value = "a painting of a red sphere on grass"
+    field.cb_hook(field)
+    assert model.config.prompt == "a painting of a red sphere on grass"
+    field.value = " "
+    field.cb_hook(field)
+    assert model.config.prompt == "a painting of a red sphere on grass"
 
     _, pipeline, _, _ = eval_setup(config.get_base_dir() / "config.yml", test_mode="inference")
     reloaded = pipeline.model

@@ -93,13 +93,8 @@ class EDNeRFModel(GuidedModel):
         with torch.no_grad():  # the latent of a white picture: what empty space renders as
             white = self.backbone.encode_images(torch.ones(1, 3, size, size))
         self.register_buffer("background_latent", white.mean(dim=(0, 2, 3)).float(), persistent=False)
-        from nerfstudio.viewer.viewer_elements import ViewerText
-
-        self.viewer_target_prompt = ViewerText(
-            "Target prompt",
-            self.config.target_prompt,
-            cb_hook=self.set_target_prompt,
-            hint="What the scene should show; the edit follows it from the next training step",
+        self.viewer_target_prompt = self.prompt_field(
+            "Target prompt", "target_prompt", "What the scene should show; the edit follows it from the next step"
         )
         self.setup_box_selection()
 
@@ -166,12 +161,6 @@ class EDNeRFModel(GuidedModel):
                 max(a, b) for a, b in zip(low, high, strict=True)
             ]
             self.config.edit_box = (corners[0], corners[1], corners[2], corners[3], corners[4], corners[5])
-
-    def set_target_prompt(self, element: Any) -> None:
-        """Viewer callback: the edit's target prompt (a non-empty text) becomes the text field's value."""
-        text = str(element.value).strip()
-        if text:
-            self.config.target_prompt = text
 
     def get_param_groups(self) -> dict[str, list[Parameter]]:
         groups = super().get_param_groups()

@@ -67,6 +67,20 @@ class GuidedModel(MMStyleBaseModel):
         """First and last step of the guided stage of this training run, for timestep annealing (set by the
         callbacks from the trainer: a run resumed with --load-dir counts its steps from the loaded one)."""
 
+    def prompt_field(self, label: str, attribute: str, hint: str) -> Any:
+        """A viewer text field bound to the prompt ``config.<attribute>``: a non-empty text typed into it becomes the
+        prompt from the next training step (text embeddings are cached per prompt by the backbone)."""
+        from nerfstudio.viewer.viewer_elements import ViewerText
+
+        self.prompt_attributes: dict[str, str] = {**getattr(self, "prompt_attributes", {}), label: attribute}
+        return ViewerText(label, getattr(self.config, attribute), cb_hook=self.set_prompt_from_viewer, hint=hint)
+
+    def set_prompt_from_viewer(self, element: Any) -> None:
+        """Viewer callback of :meth:`prompt_field` (an empty text is ignored)."""
+        text = str(element.value).strip()
+        if text:
+            setattr(self.config, self.prompt_attributes[element.name], text)
+
     def in_guided_stage(self, step: int) -> bool:
         """Whether ``step`` belongs to the guided stage."""
         return step >= self.config.reconstruction_steps

@@ -82,6 +82,12 @@ class HeadStylizeModel(GuidedModel):
 
     config: HeadStylizeModelConfig
 
+    def populate_modules(self) -> None:
+        super().populate_modules()
+        self.viewer_prompt = self.prompt_field(
+            "Prompt", "prompt", "What the head should look like; the stylization follows it from the next step"
+        )
+
     def start_guided_stage(self) -> None:
         """Freezes the geometry (if configured); from now on training renders are composited over background_color,
         as the teacher is to see them (stage 1 may have used random backgrounds)."""
