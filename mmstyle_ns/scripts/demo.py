@@ -104,8 +104,14 @@ class DemoArgs:
     """head-stylize: steps of the mmstyle-base reconstruction of the head."""
     head_prompt: str = "a cartoon of a blue sphere on a plain floor"
     """head-stylize: what the head should look like (the toy teacher knows its toy world's words)."""
-    head_steps: int = 100
+    head_steps: int = 200
     """head-stylize: steps of the stylization."""
+    head_extra: tuple[str, ...] = (
+        "--optimizers.grid.optimizer.lr", "0.02",
+        "pipeline.datamanager.sampling:mirrored-view-set", "--pipeline.datamanager.sampling.grid-k", "1",
+    )  # fmt: skip
+    """head-stylize: further ns-train arguments (by default what works best with the toy teacher: a higher colour
+    learning rate and one view with its mirror per step; the method's defaults, 2 x 2 grids, follow the paper)."""
 
 
 def ed_nerf_demo(args: DemoArgs) -> list[Path]:
@@ -174,7 +180,8 @@ def head_stylize_demo(args: DemoArgs) -> list[Path]:
     _run([_bin("ns-train"), "head-stylize", *common, "--timestamp", "stylized",
           "--load-dir", str(base / "nerfstudio_models"), "--max-num-iterations", str(args.head_steps),
           "--pipeline.guidance.model-path", str(args.guidance_model),
-          "--pipeline.model.prompt", args.head_prompt])  # fmt: skip
+          "--pipeline.model.prompt", args.head_prompt, "--optimizers.grid.scheduler.max-steps", str(args.head_steps),
+          *args.head_extra])  # fmt: skip
     stylized = args.output_dir / data.name / "head-stylize" / "stylized" / "config.yml"
     camera_path = args.render_dir / "head_turntable.json"
     _run([_bin("mmstyle-camera-path"), "--load-config", str(stylized), "--output", str(camera_path)])
