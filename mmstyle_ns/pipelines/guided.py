@@ -134,6 +134,6 @@ class GuidedPipeline(MMStylePipeline):
         with torch.no_grad():
             outputs = self.model.guided_outputs(camera, batch, step)  # type: ignore[attr-defined]
             metrics = self.model.get_metrics_dict(outputs, batch)
-            losses = self.model.get_loss_dict(outputs, batch, metrics) if "latent_target" in batch else {}
+            losses = self.model.get_loss_dict(outputs, batch, metrics)
         self.train()
         return outputs, losses, metrics

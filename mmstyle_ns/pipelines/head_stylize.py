@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
 
 from mmstyle_ns.guidance.rules import LDConfig, SDSConfig
 from mmstyle_ns.models.head_stylize import HeadStylizeModelConfig
@@ -46,15 +43,3 @@ class HeadStylizePipeline(GuidedPipeline):
 
     def encode_views(self) -> None:
         """Nothing to encode: the score depends on the renders and the prompt alone."""
-
-    def get_eval_loss_dict(self, step: int) -> tuple[Any, Any, Any]:
-        """An evaluation view's render, metrics and losses (its distance to the photo). The guided pipeline
-        computes evaluation losses only for views with VAE latents, which this method does not encode."""
-        self.eval()
-        camera, batch = self.datamanager.next_eval(step)
-        with torch.no_grad():
-            outputs = self.model.guided_outputs(camera, batch, step)  # type: ignore[attr-defined]
-            metrics = self.model.get_metrics_dict(outputs, batch)
-            losses = self.model.get_loss_dict(outputs, batch, metrics)
-        self.train()
-        return outputs, losses, metrics
