@@ -421,6 +421,7 @@ def test_stage_one_can_reuse_the_geometry_of_a_base_run(
     config = short_run_config("ed-nerf", tiny_scene, tmp_path / "ed", iterations=30, guidance_model=tiny_guidance_model)
     config.pipeline.model.reconstruction_steps = 1000
     config.pipeline.model.geometry_from = base_config.get_base_dir()
+    config.save_config()  # what ns-train does first
     trainer = config.setup(local_rank=0, world_size=1)
     trainer.setup()
     model = trainer.pipeline.model
@@ -438,6 +439,13 @@ def test_stage_one_can_reuse_the_geometry_of_a_base_run(
     trainer.train()
     torch.testing.assert_close(field.density_grid.detach(), density, rtol=0, atol=0)  # frozen, no regrid either
     assert float((field.feature_grid.detach() - features).abs().max()) > 0  # the appearance trained
+    import shutil
+
+    from nerfstudio.utils.eval_utils import eval_setup
+
+    shutil.rmtree(base_config.get_base_dir())  # a finished run renders from its own checkpoint alone
+    _, pipeline, _, _ = eval_setup(config.get_base_dir() / "config.yml", test_mode="inference")
+    torch.testing.assert_close(pipeline.model.field.density_grid, density, rtol=0, atol=0)
 
 
 def test_geometry_from_a_folder_without_checkpoints_fails_before_anything_is_written(

@@ -39,7 +39,8 @@ class GuidedModelConfig(MMStyleBaseModelConfig):
     """Keep the density fixed in the guided stage (edit appearance only)."""
     geometry_from: Path | None = None
     """Reuse the geometry of a trained run on the same data (an mmstyle-base run's folder, its nerfstudio_models
-    folder or a checkpoint): its density grid, box and occupancy, frozen; only the appearance is trained."""
+    folder or a checkpoint): its density grid and box, resampled to this model's final grid and frozen; only the
+    appearance is trained. Read when training starts; a finished run renders from its own checkpoint."""
 
 
 class GuidedModel(MMStyleBaseModel):

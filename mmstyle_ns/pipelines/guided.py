@@ -90,6 +90,9 @@ class GuidedPipeline(MMStylePipeline):
         local_rank: int = 0,
         grad_scaler: Any = None,
     ) -> None:
+        if test_mode != "val" and getattr(config.model, "geometry_from", None) is not None:
+            # a trained run loaded for rendering or evaluation: its own checkpoint holds the geometry
+            config = dataclasses.replace(config, model=dataclasses.replace(config.model, geometry_from=None))
         config.check_inputs()
         backbone = config.guidance.setup(device=device)
         building = dataclasses.replace(config, model=ModelWithArguments(config.model, {"backbone": backbone}))
