@@ -445,7 +445,9 @@ def test_stage_one_can_reuse_the_geometry_of_a_base_run(
 
     shutil.rmtree(base_config.get_base_dir())  # a finished run renders from its own checkpoint alone
     _, pipeline, _, _ = eval_setup(config.get_base_dir() / "config.yml", test_mode="inference")
-    torch.testing.assert_close(pipeline.model.field.density_grid, density, rtol=0, atol=0)
+    reloaded = pipeline.model
+    assert isinstance(reloaded, EDNeRFModel)
+    torch.testing.assert_close(reloaded.field.density_grid, density, rtol=0, atol=0)
 
 
 def test_geometry_from_a_folder_without_checkpoints_fails_before_anything_is_written(
