@@ -443,7 +443,7 @@ def test_stage_one_can_reuse_the_geometry_of_a_base_run(
 
     from nerfstudio.utils.eval_utils import eval_setup
 
-    shutil.rmtree(base_config.get_base_dir())  # a finished run renders from its own checkpoint alone
+    shutil.rmtree(base_config.get_checkpoint_dir())  # a finished run renders from its own checkpoint alone
     _, pipeline, _, _ = eval_setup(config.get_base_dir() / "config.yml", test_mode="inference")
     reloaded = pipeline.model
     assert isinstance(reloaded, EDNeRFModel)
