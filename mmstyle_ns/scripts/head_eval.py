@@ -118,12 +118,11 @@ def _render(pipeline: Any, cameras: Any) -> np.ndarray:
 
 def orbit_for(pipeline: Any, identity: Any) -> Orbit:
     """The evaluation orbit of a run's training cameras (see the module docstring)."""
-    from mmstyle_ns.data.datamanagers import estimate_symmetry_plane
-    from mmstyle_ns.scripts.camera_path import closest_point_to_axes
+    from mmstyle_ns.data.datamanagers import estimate_symmetry_plane, look_at_centre
 
     dataset = pipeline.datamanager.train_dataset
     c2ws = dataset.cameras.camera_to_worlds.double().numpy()
-    centre = closest_point_to_axes(c2ws)
+    centre = look_at_centre(dataset.cameras.camera_to_worlds).double().numpy()
     up = c2ws[:, :3, 1].mean(axis=0)  # nerfstudio's cameras: +y is the image's up
     up = up / np.linalg.norm(up)
     offsets = c2ws[:, :3, 3] - centre
@@ -218,22 +217,18 @@ def main(args: HeadEvalArgs) -> dict[str, Any]:
         return figures
 
     source_frames = _render(source, cameras)
-    prompts = []
-    for config in args.stylized_configs:
-        run, _ = _load(config)
-        prompts.append(args.prompt or getattr(run.model.config, "prompt", "") or None)
-        del run
     rows = [source_frames]
     labels = ["unstylized"]
     results = []
     for i, config in enumerate(args.stylized_configs):
         run, step = _load(config)
         frames = _render(run, cameras)
+        prompt = args.prompt or getattr(run.model.config, "prompt", "") or None
         label = args.labels[i] if args.labels else config.parent.name
-        figures = measure(label, frames, prompts[i], source_frames)
+        figures = measure(label, frames, prompt, source_frames)
         figures["step"] = step
         figures["unstylized_clip_similarity"] = (
-            measure("unstylized", source_frames, prompts[i], None).get("clip_similarity") if prompts[i] else None
+            measure("unstylized", source_frames, prompt, None).get("clip_similarity") if prompt else None
         )
         if args.fid_reference is not None:
             figures["fid"] = _fid(args.fid_reference, frames)
