@@ -102,7 +102,7 @@ def main(args: Args) -> None:
                     args.load_config,
                     ("builtin:rocket",),
                     steps=args.incremental_steps,
-                    timestamp="bench-add",
+                    timestamp=f"bench-add-{key}",
                     cache_dir=Path(tmp) / cache_dir,
                 )
             )

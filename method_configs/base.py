@@ -58,7 +58,8 @@ def base_trainer_config(max_num_iterations: int = 750) -> TrainerConfig:
                 "scheduler": ExponentialDecaySchedulerConfig(lr_final=1e-4, max_steps=max_num_iterations),
             },
         },
-        viewer=ViewerConfig(num_rays_per_chunk=1 << 14),
+        # local connections only: the viewer has no authentication (--viewer.websocket-host 0.0.0.0 opens it up)
+        viewer=ViewerConfig(num_rays_per_chunk=1 << 14, websocket_host="127.0.0.1"),
         vis="viewer",
     )
 

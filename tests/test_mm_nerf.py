@@ -28,7 +28,7 @@ from nerfstudio.engine.callbacks import TrainingCallbackAttributes, TrainingCall
 from nerfstudio.engine.trainer import Trainer, TrainerConfig
 from torch import Tensor
 
-from mmstyle_ns.models.mm_nerf import ORIGINAL, MMNeRFModel, MMNeRFModelConfig
+from mmstyle_ns.models.mm_nerf import ORIGINAL, STYLE_PANEL, MMNeRFModel, MMNeRFModelConfig
 from mmstyle_ns.pipelines.mm_nerf import MMNeRFPipeline, MMNeRFPipelineConfig
 from mmstyle_ns.style.cache import StylizedViewCache
 from mmstyle_ns.style.sources import StyleInputError
@@ -104,9 +104,9 @@ def _same_state(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
 
 
 def _set_view(model: MMNeRFModel, first: str, second: str, t: float) -> None:
-    model.viewer_style.value = first
-    model.viewer_blend_with.value = second
-    model.viewer_blend.value = t
+    model.style_controls.style.value = first
+    model.style_controls.blend_with.value = second
+    model.style_controls.blend.value = t
 
 
 def _assert_cache_matches_live_rays(pipeline: MMNeRFPipeline, views: list[int], style: int) -> None:
@@ -222,7 +222,7 @@ def test_heads_predict_different_parameters_and_renders_per_style(trained: Train
         assert renders[name].shape == renders["rgb"].shape and torch.isfinite(renders[name]).all()
     # stylized, not the photorealistic colours; the viewer shows the first style by default
     assert not torch.allclose(renders["coffee"], renders[ORIGINAL], atol=1e-3)
-    torch.testing.assert_close(renders["rgb"], renders[model.viewer_style.value], rtol=0, atol=0)
+    torch.testing.assert_close(renders["rgb"], renders[model.style_controls.style.value], rtol=0, atol=0)
 
 
 # ---- 2. blending -------------------------------------------------------------------------------------------
@@ -794,7 +794,8 @@ def test_viewer_client_picks_and_blends_styles_without_training(
 
     def recording(camera: Cameras, obb_box: Any = None) -> dict[str, Tensor]:
         outputs = render(camera, obb_box=obb_box)
-        chosen = (model.viewer_style.value, model.viewer_blend_with.value, float(model.viewer_blend.value))
+        controls = model.style_controls
+        chosen = (controls.style.value, controls.blend_with.value, float(controls.blend.value))
         frames = {
             k: (v.clamp(0, 1) * 255).round().to(torch.uint8).numpy() for k, v in outputs.items() if v.shape[-1] == 3
         }
@@ -818,6 +819,10 @@ def test_viewer_client_picks_and_blends_styles_without_training(
             client.receive(3.0)
             style, blend_with, blend = client.gui["Style"], client.gui["Blend with"], client.gui["Blend"]
             assert style["type"] == blend_with["type"] == "GuiAddDropdownMessage"
+            panel = client.gui[STYLE_PANEL]  # a panel named for the user, not after an attribute
+            assert panel["type"] == "GuiAddFolderMessage"
+            assert style["container_id"] == blend_with["container_id"] == blend["container_id"] == panel["id"]
+            assert not {"mm_model", "model", "style_controls"} & set(client.gui)
             assert list(style["options"]) == list(blend_with["options"]) == [*NAMES, ORIGINAL]
             assert (style["value"], blend_with["value"]) == (NAMES[0], ORIGINAL)
             assert blend["type"] == "GuiAddSliderMessage" and (blend["min"], blend["max"], blend["value"]) == (0, 1, 0)

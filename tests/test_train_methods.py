@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import short_run_config
 
 OUR_METHODS = sorted(
@@ -47,7 +48,10 @@ def test_method_trains_saves_and_reloads(
     assert (after - before).abs().mean() > 1e-3, "training changed nothing"
 
     config_path = config.get_base_dir() / "config.yml"
-    assert config_path.exists() and any((config.get_base_dir() / "nerfstudio_models").glob("step-*.ckpt"))
+    checkpoints = sorted(p.name for p in (config.get_base_dir() / "nerfstudio_models").glob("step-*.ckpt"))
+    assert config_path.exists() and checkpoints == [f"step-{config.max_num_iterations - 1:09d}.ckpt"]
+    saved = yaml.load(config_path.read_text(), Loader=yaml.Loader)
+    assert saved.schedule_start == 0 and saved.viewer.websocket_host == "127.0.0.1"  # schedule and viewer host
     _, pipeline, _, _ = eval_setup(config_path, test_mode="inference")
     with torch.no_grad():
         reloaded = pipeline.model.get_outputs_for_camera(camera.to(pipeline.device))["rgb"]

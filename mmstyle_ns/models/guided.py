@@ -99,8 +99,10 @@ class GuidedModel(MMStyleBaseModel):
         callbacks = super().get_training_callbacks(training_callback_attributes)
         trainer = training_callback_attributes.trainer
         if trainer is not None:
-            last = int(getattr(trainer, "_start_step", 0)) + int(trainer.config.max_num_iterations)
-            self.guided_span = (max(self.config.reconstruction_steps, int(getattr(trainer, "_start_step", 0))), last)
+            start = int(getattr(trainer, "_start_step", 0))
+            # the trainer's planned schedule when it has one (a resumed run keeps its annealing, see engine.py)
+            first, last = getattr(trainer, "schedule", (start, start + int(trainer.config.max_num_iterations)))
+            self.guided_span = (max(self.config.reconstruction_steps, int(first)), int(last))
 
         def switch_stage(step: int) -> None:
             if not self.guided_stage and self.in_guided_stage(step):

@@ -98,6 +98,25 @@ class StyleTargets:
     """Pixels with a consistent target."""
 
 
+class StyleControls(nn.Module):
+    """The viewer's style controls: pick one style (or ``original``), or blend two.
+
+    A module without parameters, so that the viewer, which collects its elements from the pipeline's module
+    attributes, finds them; the pipeline shows them as the panel :data:`STYLE_PANEL`.
+    """
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        super().__init__()
+        choices = [*names, ORIGINAL]
+        self.style = ViewerDropdown("Style", names[0], choices)
+        self.blend_with = ViewerDropdown("Blend with", ORIGINAL, choices)
+        self.blend = ViewerSlider("Blend", 0.0, 0.0, 1.0, 0.05)
+
+
+STYLE_PANEL = "Styles"
+"""Name of the viewer panel of the style controls (under nerfstudio's "Custom Elements")."""
+
+
 class MMNeRFModel(FrozenGeometryModel):
     """Multi-style NeRF: shared geometry and style features, one parameter-prediction head per style.
 
@@ -147,10 +166,7 @@ class MMNeRFModel(FrozenGeometryModel):
         self.heads = nn.ModuleList(
             StyleHead(embeddings.shape[1], self.config.head_hidden_dim, self.color_spec, initial) for _ in names
         )
-        choices = [*names, ORIGINAL]
-        self.viewer_style = ViewerDropdown("Style", names[0], choices)
-        self.viewer_blend_with = ViewerDropdown("Blend with", ORIGINAL, choices)
-        self.viewer_blend = ViewerSlider("Blend", 0.0, 0.0, 1.0, 0.05)
+        self.style_controls = StyleControls(tuple(names))
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"style_names": list(self.style_names)}
@@ -341,8 +357,9 @@ class MMNeRFModel(FrozenGeometryModel):
         num_rays: int,
     ) -> Float[Tensor, "R 3"]:
         """The render chosen in the viewer: one style, or two blended (parameters blended when both are styles)."""
-        first, second = self.viewer_style.value, self.viewer_blend_with.value
-        t = float(self.viewer_blend.value)
+        controls = self.style_controls
+        first, second = controls.style.value, controls.blend_with.value
+        t = float(controls.blend.value)
         if t <= 0.0 or first == second:
             return outputs[first].reshape(-1, 3)
         if t >= 1.0:

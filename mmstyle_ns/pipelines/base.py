@@ -9,6 +9,8 @@ process.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -65,3 +67,39 @@ def cache_root_for(datamanager: Any, cache_dir: Path | str | None) -> Path:
         return Path(cache_dir)
     data = datamanager.data if datamanager.data is not None else datamanager.dataparser.data
     return Path(str(data)) / "mmstyle_cache"
+
+
+class DataFolderError(ValueError):
+    """The dataset ``--data`` names cannot be read; the message says what to pass instead."""
+
+
+def check_data_folder(datamanager: Any) -> None:
+    """Checks, without loading it, that the dataset of a datamanager configuration is there and readable: the
+    folder (``--data``, or the dataparser's own ``data``) and, for nerfstudio's dataparser, its ``transforms.json``.
+
+    Raises:
+        DataFolderError: the folder or its ``transforms.json`` is missing or unreadable.
+    """
+    from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
+
+    given = getattr(datamanager, "data", None)
+    dataparser = getattr(datamanager, "dataparser", None)
+    data = Path(given) if given is not None else Path(getattr(dataparser, "data", "."))
+    hint = "pass --data <a dataset folder>"
+    if isinstance(dataparser, NerfstudioDataParserConfig):
+        hint = "pass --data <a folder with transforms.json> (e.g. one made by ns-process-data or mmstyle-scene)"
+    if not data.exists():
+        raise DataFolderError(f"--data {data}: the data folder does not exist; {hint}")
+    if not os.access(data, os.R_OK) or (data.is_dir() and not os.access(data, os.X_OK)):
+        raise DataFolderError(f"--data {data}: the data folder cannot be read (permissions); {hint}")
+    if not isinstance(dataparser, NerfstudioDataParserConfig):
+        return
+    transforms = data if data.suffix == ".json" else data / "transforms.json"
+    if not transforms.is_file():
+        raise DataFolderError(f"--data {data}: no transforms.json in it; {hint}")
+    try:
+        meta = json.loads(transforms.read_text("utf8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataFolderError(f"--data {data}: {transforms.name} cannot be read ({error}); {hint}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("frames"), list) or not meta["frames"]:
+        raise DataFolderError(f"--data {data}: {transforms.name} lists no frames; {hint}")

@@ -19,7 +19,7 @@ from nerfstudio.utils.rich_utils import CONSOLE
 
 from mmstyle_ns.distributed import broadcast_module
 from mmstyle_ns.fields.grid_field import replace_parameters
-from mmstyle_ns.models.mm_nerf import MMNeRFModel, MMNeRFModelConfig, StyleSet, StyleTargets
+from mmstyle_ns.models.mm_nerf import STYLE_PANEL, MMNeRFModel, MMNeRFModelConfig, StyleSet, StyleTargets
 from mmstyle_ns.pipelines.base import MMStylePipeline, MMStylePipelineConfig, ModelWithArguments, cache_root_for
 from mmstyle_ns.style.adain import AdaINConfig
 from mmstyle_ns.style.cache import StylizedViewCache, style_key_for
@@ -128,6 +128,9 @@ class MMNeRFPipeline(MMStylePipeline):
         super().__init__(building, device, test_mode, world_size, local_rank, grad_scaler)
         self.config = config  # the configuration as given (``building`` only differs in how it builds the model)
         assert isinstance(self.model, MMNeRFModel), "mm-nerf needs an MMNeRFModel"
+        # nerfstudio's viewer names a panel after the (shortest) attribute path to its elements: this one is
+        # shorter than the model's own, so the controls appear under a readable name, not an attribute's
+        self.add_module(STYLE_PANEL, self.model.style_controls)
         self.style_ready = False
         self.stylization_seconds = 0.0
         """Wall time the last :meth:`prepare_stylization` took."""

@@ -80,13 +80,18 @@ def main(args: MMEvalArgs) -> dict:
     """Runs the evaluation; returns the metrics written to ``metrics.json``."""
     from nerfstudio.utils.eval_utils import eval_setup
 
+    from mmstyle_ns.engine import RunConfigError, load_run_config
     from mmstyle_ns.metrics import contact_sheet, save_png, style_match_report, warped_error
     from mmstyle_ns.models.mm_nerf import ORIGINAL, MMNeRFModel
+    from mmstyle_ns.pipelines.mm_nerf import MMNeRFPipelineConfig
 
+    config = load_run_config(args.load_config)  # a missing or foreign config: one message, before any set-up
+    if not isinstance(config.pipeline, MMNeRFPipelineConfig):
+        raise RunConfigError(f"--load-config {args.load_config} is a {config.method_name} run, not an mm-nerf run")
     _, pipeline, _, _ = eval_setup(args.load_config, test_mode="inference")
     model = pipeline.model
     if not isinstance(model, MMNeRFModel):
-        raise ValueError(f"{args.load_config} is not an mm-nerf run")
+        raise RunConfigError(f"--load-config {args.load_config} is not an mm-nerf run")
     clip = _clip_for(args, pipeline)  # before the slow part: bad CLIP settings fail at once
     cameras = turntable_cameras(args.load_config, args.num_frames).to(pipeline.device)
     names = [ORIGINAL, *model.style_names]
@@ -240,10 +245,11 @@ def _clip_figures(clip: Any, ours: np.ndarray, original: np.ndarray, prepared: A
 
 def entrypoint() -> None:
     """Console entry point."""
+    from mmstyle_ns.engine import reported_run_config_errors
     from mmstyle_ns.scripts import reported_input_errors
 
     args = tyro.cli(MMEvalArgs)
-    with reported_input_errors("Cannot evaluate this run"):
+    with reported_run_config_errors("Cannot evaluate this run"), reported_input_errors("Cannot evaluate this run"):
         main(args)
 
 

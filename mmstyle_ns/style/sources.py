@@ -336,3 +336,40 @@ def parse_style_specs(specs: Sequence[str]) -> list[StyleSource]:
             source = StyleSource(name, source.modality, source.value)
         result.append(source)
     return result
+
+
+def parse_added_style_specs(existing: Sequence[str], added: Sequence[str]) -> list[StyleSource]:
+    """Parses and validates styles added to a run whose styles are ``existing``; the run's styles keep their names.
+
+    The added styles get their names as :func:`parse_style_specs` gives them among themselves; a name one of the
+    run's styles has is refused (taking it would rename the run's style and hand its head to the new one).
+
+    Returns:
+        The added styles.
+
+    Raises:
+        StyleInputError: a bad spec, no added style, or an added style whose name one of the run's styles has.
+    """
+    if isinstance(added, str):
+        added = [added]
+    old = parse_style_specs(existing)
+    new = parse_style_specs(added)
+    taken = {source.name: spec for source, spec in zip(old, existing, strict=True)}
+    used = set(taken) | {source.name for source in new}
+    for source, spec in zip(new, added, strict=True):
+        if source.name not in taken:
+            continue
+        named = _NAME_PREFIX_RE.match(spec.strip())
+        rest = named["rest"].strip() if named and not Path(spec.strip()).expanduser().is_file() else spec.strip()
+        count, free = 2, f"{source.name}_2"
+        while free in used:
+            count += 1
+            free = f"{source.name}_{count}"
+        raise StyleInputError(
+            f"style {spec!r}: the name {source.name!r} is taken by the run's style {taken[source.name]!r}; give the "
+            f"new style another name, e.g. '{free}={rest}'"
+        )
+    combined = [source.name for source in parse_style_specs((*existing, *added))]
+    if combined != [source.name for source in (*old, *new)]:  # the names a run with all of them gets
+        raise StyleInputError(f"styles {list(added)!r} would rename the run's styles; name each with 'name=...'")
+    return new
