@@ -353,3 +353,55 @@ def test_bad_inputs_fail_before_anything_is_written(
         main(config)
     assert stopped.value.code == 2 and expected in capsys.readouterr().out  # one message, no traceback
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_depth_condition_is_inverse_depth_over_the_head() -> None:
+    """Nearest pixel 1, farthest 0 over the silhouette, empty space 0; a view without the head is all zeros."""
+    from mmstyle_ns.guidance.scores import depth_control_image
+
+    depth = torch.tensor([[1.0, 2.0], [4.0, 9.0]]).view(1, 1, 2, 2).repeat(2, 1, 1, 1)
+    accumulation = torch.tensor([[1.0, 1.0], [1.0, 0.0]]).view(1, 1, 2, 2).repeat(2, 1, 1, 1)
+    accumulation[1] = 0.0
+    image = depth_control_image(depth, accumulation)
+    inverse = torch.tensor([1.0, 0.5, 0.25])
+    expected = (inverse - 0.25) / 0.75
+    torch.testing.assert_close(image[0].flatten()[:3], expected)
+    assert float(image[0, 0, 1, 1]) == 0.0 and float(image[1].abs().max()) == 0.0
+
+
+def test_a_controlnet_conditions_the_score_on_the_rendered_depth(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a ControlNet loaded, the rule gets the views' depth conditions tiled like their latents, near bright;
+    depth_condition False (or no ControlNet) scores without one."""
+    from mmstyle_ns.guidance.tiny import build_tiny_stable_diffusion
+
+    root = build_tiny_stable_diffusion(tmp_path / "sd", vae_channels=(8, 8, 8, 8), controlnet=True, seed=0)
+    controlled = DiffusionBackboneConfig(model_path=str(root), controlnet_path=str(root / "controlnet")).setup()
+    assert isinstance(controlled, DiffusionBackbone) and controlled.controlnet is not None
+    for condition in (True, False):
+        model = _head_model(controlled, depth_condition=condition)
+        model.start_guided_stage()
+        seen = _spy(monkeypatch, model, controlled)
+        cameras = _ring(4)
+        batch = {"image": torch.ones(4, 32, 32, 4), "mirrored": False}
+        outputs = model.guided_outputs(cameras, batch, 0)
+        model.get_loss_dict(outputs, batch)["score_loss"].backward()
+        cond = seen["inputs"].controlnet_cond
+        if not condition:
+            assert cond is None
+            continue
+        assert cond is not None and cond.shape == (1, 1, 64, 64)  # 2x2 views of 32 pixels: the grid's pixel size
+        assert 0.0 <= float(cond.min()) and float(cond.max()) == pytest.approx(1.0, abs=1e-2)
+        tiles = unpack_grid(cond, 2)
+        depth, silhouette = outputs["view_depth"], outputs["silhouette"]
+        for tile, d, s in zip(tiles, depth, silhouette):
+            solid = s > 0.5  # the head, as depth_control_image sees it
+            nearest, farthest = (d == d[solid].min()) & solid, (d == d[solid].max()) & solid
+            torch.testing.assert_close(tile[nearest], s[nearest])  # 1 x the accumulation
+            assert float(tile[farthest].abs().max()) < 1e-6
+            assert float(tile[solid].std()) > 0.05  # a depth map, not a silhouette
+            empty = s < 0.01
+            assert bool(empty.any()) and float(tile[empty].abs().max()) < 0.01  # empty space is black
+        assert model.field.feature_grid.grad is not None  # the score still reaches the colours
+    assert all(p.grad is None for p in controlled.controlnet.parameters())

@@ -13,7 +13,8 @@ Rules:
       al., "Identity Preserving 3D Head Stylization with Multiview Score Distillation", arXiv 2411.13536).
     * helpers of that paper: :func:`rank_weighted_score`, multi-view grids (:func:`pack_grid`,
       :func:`unpack_grid`) and mirror gradients (:func:`flip_horizontal`, :func:`combine_mirror_gradients`,
-      :func:`mirror_pair_loss`, :func:`mirror_grid`).
+      :func:`mirror_pair_loss`, :func:`mirror_grid`), and the depth condition of a ControlNet
+      (:func:`depth_control_image`).
 """
 
 from __future__ import annotations
@@ -297,6 +298,28 @@ def unpack_grid(grid: Float[Tensor, "G C GH GW"], k: int) -> Float[Tensor, "B C 
     height, width = full_h // k, full_w // k
     views = grid.reshape(groups, channels, k, height, k, width).permute(0, 2, 4, 1, 3, 5)  # [G, k, k, C, H, W]
     return views.reshape(groups * k * k, channels, height, width)
+
+
+# ---------------------------------------------------------------------- ControlNet conditions
+def depth_control_image(
+    depth: Float[Tensor, "B 1 H W"], accumulation: Float[Tensor, "B 1 H W"], threshold: float = 0.5
+) -> Float[Tensor, "B 1 H W"]:
+    """A rendered depth as a depth ControlNet's condition: inverse depth normalised per view to [0, 1] over the
+    pixels whose ``accumulation`` exceeds ``threshold`` (nearest 1, farthest 0), multiplied by the accumulation so
+    that empty space is black — the convention of the monocular depth maps such ControlNets are trained on.
+    A view without such pixels is all zeros."""
+    if depth.shape != accumulation.shape or depth.ndim != 4 or depth.shape[1] != 1:
+        raise ValueError(
+            f"Expected depth and accumulation [B, 1, H, W], got {tuple(depth.shape)}, {tuple(accumulation.shape)}"
+        )
+    inverse = 1.0 / depth.clamp_min(1e-6)
+    solid = accumulation > threshold
+    big = torch.finfo(inverse.dtype).max
+    lo = torch.where(solid, inverse, big).amin(dim=(1, 2, 3), keepdim=True)
+    hi = torch.where(solid, inverse, -big).amax(dim=(1, 2, 3), keepdim=True)
+    normalised = ((inverse - lo) / (hi - lo).clamp_min(1e-6)).clamp(0.0, 1.0)
+    present = solid.flatten(1).any(dim=1).view(-1, 1, 1, 1)
+    return torch.where(present, normalised * accumulation.clamp(0.0, 1.0), torch.zeros_like(normalised))
 
 
 # ---------------------------------------------------------------------- mirror gradients

@@ -19,7 +19,9 @@ A step of the guided stage, over what :class:`~mmstyle_ns.data.datamanagers.Guid
   step into stripes along rows at the latent period, and as the cameras all sit near one height every view puts
   them at the same heights of the head — horizontal bands and speckle instead of a style;
 * each tile's gradient goes to its view and, flipped, to its mirror view
-  (:func:`~mmstyle_ns.guidance.scores.mirror_pair_loss`, weights 0.75 / 0.25).
+  (:func:`~mmstyle_ns.guidance.scores.mirror_pair_loss`, weights 0.75 / 0.25);
+* with a ControlNet loaded (``--pipeline.guidance.controlnet-path``), the score is conditioned on the views'
+  rendered depth, tiled like the views (``depth_condition``).
 
 The density stays frozen (``freeze_geometry``). Stage 1 (``reconstruction_steps``, 0 by default: start from a
 trained ``mmstyle-base`` run with ``--load-dir``) fits the views at the tile size with the base model's losses.
@@ -39,7 +41,7 @@ from torch import Tensor
 
 from mmstyle_ns.data.datamanagers import cameras_at_size
 from mmstyle_ns.guidance.rules import LDConfig, ScoreInputs, ScoreRuleConfig, SDSConfig
-from mmstyle_ns.guidance.scores import mirror_pair_loss, pack_grid, surrogate_loss, unpack_grid
+from mmstyle_ns.guidance.scores import depth_control_image, mirror_pair_loss, pack_grid, surrogate_loss, unpack_grid
 from mmstyle_ns.models.guided import GuidedModel, GuidedModelConfig
 
 
@@ -69,6 +71,10 @@ class HeadStylizeModelConfig(GuidedModelConfig):
     """How a tile's latent gradient g reaches its render: 'decoder' the image-space step (D(z) - D(z - g)) / 2
     through the VAE decoder D (no encoder backward); 'encoder' backpropagation through the VAE encoder (J_E^T g:
     horizontal bands with examples/toy-teacher, whose encoder Jacobian is striped along rows)."""
+    depth_condition: bool = True
+    """When the guidance loads a ControlNet (--pipeline.guidance.controlnet-path, a depth ControlNet), condition
+    every score on the views' rendered depth (guidance.depth_control_image: inverse depth over the head, near
+    bright, empty space black), tiled like the views; False scores without a condition."""
 
     def __post_init__(self) -> None:
         if min(self.mirror_weights) < 0:
@@ -120,11 +126,13 @@ class HeadStylizeModel(GuidedModel):
         renders = [self.render_camera(cameras[i : i + 1]) for i in range(count)]
         rgb = torch.stack([r["rgb"] for r in renders])  # [n, s, s, 3]
         accumulation = torch.stack([r["accumulation"] for r in renders])
+        depth = torch.stack([r["depth"] for r in renders[:views]])
         outputs = {
             "rgb": rgb[:views],
             "accumulation": accumulation[:views],
             "renders": rgb.permute(0, 3, 1, 2),
             "silhouette": accumulation[:views].detach().permute(0, 3, 1, 2),
+            "view_depth": depth.detach().permute(0, 3, 1, 2),
         }
         for name in ("distortion_loss", "num_samples_per_ray"):
             if name in renders[0]:
@@ -162,6 +170,7 @@ class HeadStylizeModel(GuidedModel):
             target_text=self.config.prompt,
             mask=None if isinstance(self.config.rule, SDSConfig) else mask,  # SDS takes no mask: applied below
             negative_text=self.config.negative_prompt or None,
+            controlnet_cond=self.control_condition(outputs),
         )
         step, max_steps = self.guided_progress()
         score = self.rule.loss(self.backbone, inputs, step=step, max_steps=max_steps)
@@ -179,6 +188,13 @@ class HeadStylizeModel(GuidedModel):
             weight, mirror_weight = self.config.mirror_weights
             loss = mirror_pair_loss(targets[:views], targets[views:], tiles, weight, mirror_weight)
         return {"score_loss": self.config.score_mult * loss}
+
+    def control_condition(self, outputs: dict[str, Tensor]) -> Tensor | None:
+        """The grid of the views' depth conditions ``[1, 1, k*s, k*s]`` when a ControlNet is loaded and
+        ``depth_condition`` is on, else None."""
+        if self.backbone.controlnet is None or not self.config.depth_condition:
+            return None
+        return pack_grid(depth_control_image(outputs["view_depth"], outputs["silhouette"]))
 
     @torch.no_grad()
     def image_step(self, latents: Tensor, grad: Tensor) -> Tensor:
