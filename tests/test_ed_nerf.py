@@ -19,13 +19,7 @@ from nerfstudio.cameras.cameras import Cameras
 from mmstyle_ns.models.ed_nerf import EDNeRFModel
 from mmstyle_ns.pipelines.ed_nerf import EDNeRFPipeline
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trainer(scene: Path, root: Path, guidance: Path, iterations: int, reconstruction: int) -> Any:

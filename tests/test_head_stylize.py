@@ -4,7 +4,6 @@ distillation with mirror gradients, the silhouette mask, a short run through ner
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +34,7 @@ Y_AXIS = torch.tensor([0.0, 1.0, 0.0])
 """The generated head's symmetry plane is y = 0 (its face looks along +x, its ears sit at +-y)."""
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -395,7 +389,7 @@ def test_a_controlnet_conditions_the_score_on_the_rendered_depth(
         assert 0.0 <= float(cond.min()) and float(cond.max()) == pytest.approx(1.0, abs=1e-2)
         tiles = unpack_grid(cond, 2)
         depth, silhouette = outputs["view_depth"], outputs["silhouette"]
-        for tile, d, s in zip(tiles, depth, silhouette):
+        for tile, d, s in zip(tiles, depth, silhouette, strict=True):
             solid = s > 0.5  # the head, as depth_control_image sees it
             nearest, farthest = (d == d[solid].min()) & solid, (d == d[solid].max()) & solid
             torch.testing.assert_close(tile[nearest], s[nearest])  # 1 x the accumulation
