@@ -1,6 +1,7 @@
 """Benchmark: mm-nerf's stylization cost, measured in one run and printed as ratios.
 
-* a stylization step with 1 style vs. 16 styles (one style trains per step: the ratio should stay near 1);
+* a stylization step with 1 style vs. 16 styles (one style trains per step: the ratio should stay near 1), with the
+  default patch objective (perceptual loss on a rendered patch) and, for reference, the pixel objective;
 * a stylization step (cached samples, colour heads only) vs. a full base-field step on the same geometry;
 * adding a style to a trained model (incremental learning) vs. the first stylization of 3 styles, set-up
   (2D stylization of the views, sample cache) included in both. The new style is stylized from scratch; the ray
@@ -38,16 +39,20 @@ class Args:
     """Training steps of the incremental style."""
 
 
-def build(config_path: Path, styles: tuple[str, ...], stylized_views: int, cache_dir: Path):  # noqa: ANN201
-    """A fresh mm-nerf pipeline with ``styles``, the run's trained geometry loaded, and its optimizers."""
+def build(config_path: Path, styles: tuple[str, ...], stylized_views: int, cache_dir: Path, pixel: bool = False):  # noqa: ANN201
+    """A fresh mm-nerf pipeline with ``styles``, the run's trained geometry loaded, and its optimizers (``pixel``:
+    with the per-pixel objective instead of the run's)."""
     from nerfstudio.engine.optimizers import Optimizers
 
+    from mmstyle_ns.models.mm_nerf import PixelObjectiveConfig
     from mmstyle_ns.scripts.add_style import latest_checkpoint
 
     config = copy.deepcopy(yaml.load(config_path.read_text(), Loader=yaml.Loader))
     config.pipeline.styles = styles
     config.pipeline.stylized_views = stylized_views
     config.pipeline.cache_dir = cache_dir
+    if pixel:
+        config.pipeline.model.objective = PixelObjectiveConfig()
     pipeline = config.pipeline.setup(device="cpu", test_mode="val")
     state = torch.load(latest_checkpoint(config_path.parent), map_location="cpu")["pipeline"]
     geometry = {k: v for k, v in state.items() if ".heads." not in k and "style_" not in k and "_extra_state" not in k}
@@ -78,11 +83,14 @@ def main(args: Args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "cache"
         results = {}
-        for count in (1, 16):
-            pipeline, optimizers, recon = build(args.load_config, sixteen[:count], 2, cache)
-            pipeline.prepare_stylization(optimizers)
-            results[f"style_{count}"] = timed_steps(pipeline, optimizers, recon, args.steps)
-            print(f"stylization step, {count:2d} style(s): {results[f'style_{count}'] * 1000:7.1f} ms", flush=True)
+        for pixel in (False, True):
+            kind = "pixel_" if pixel else ""
+            for count in (1, 16):
+                pipeline, optimizers, recon = build(args.load_config, sixteen[:count], 2, cache, pixel)
+                pipeline.prepare_stylization(optimizers)
+                results[f"{kind}style_{count}"] = seconds = timed_steps(pipeline, optimizers, recon, args.steps)
+                label = "pixel objective" if pixel else "patch objective"
+                print(f"stylization step ({label}), {count:2d} style(s): {seconds * 1000:7.1f} ms", flush=True)
         pipeline, optimizers, recon = build(args.load_config, sixteen[:1], 2, cache)
         results["base"] = timed_steps(pipeline, optimizers, 0, args.steps)  # reconstruction stage on the same grid
         print(f"full base-field step:            {results['base'] * 1000:7.1f} ms", flush=True)
@@ -111,6 +119,8 @@ def main(args: Args) -> None:
 
     print("\nratios (measured in this run)")
     print(f"  step with 16 styles / 1 style:        {results['style_16'] / results['style_1']:.2f}  (target <= 1.2)")
+    print(f"  the same, pixel objective:            {results['pixel_style_16'] / results['pixel_style_1']:.2f}")
+    print(f"  patch step / pixel step:              {results['style_1'] / results['pixel_style_1']:.2f}")
     print(f"  stylization step / base-field step:   {results['style_1'] / results['base']:.2f}")
     print(f"  incremental style / first stylization: {results['incremental'] / results['first']:.2f}  (target <= 0.10)")
     print(f"  the same without stored ray samples:   {results['incremental_cold'] / results['first']:.2f}")

@@ -310,7 +310,8 @@ def test_added_style_trains_alone_and_leaves_old_styles_unchanged(
             model.update_to_step(state["step"])
             result = model.load_state_dict(model_state, strict=False)
             assert not result.unexpected_keys and result.missing_keys
-            assert all(key.startswith(f"heads.{len(NAMES)}.") for key in result.missing_keys)
+            new_keys = (f"heads.{len(NAMES)}.", f"residuals.{len(NAMES)}.")
+            assert all(key.startswith(new_keys) for key in result.missing_keys)
             trainer._start_step = state["step"] + 1
 
         monkeypatch.setattr(trainer, "_load_checkpoint", load_model_state)
@@ -336,6 +337,12 @@ def test_added_style_trains_alone_and_leaves_old_styles_unchanged(
     assert model.trainable == [new]
     assert not model.style_grid.table.requires_grad
     assert [any(p.requires_grad for p in head.parameters()) for head in model.heads] == [False, False, True]
+    # the new style owns a residual feature grid, zero at first (its render starts as its source head's); the
+    # trained styles have none, so nothing of theirs changes
+    assert [model.residual_grid(i).active for i in range(len(model.style_names))] == [False, False, True]
+    assert not model.residual_grid(new).table.any() and model.residual_grid(new).table.requires_grad
+    trainable_grids = [p for p in trainer.optimizers.parameters["style_grid"] if p.requires_grad]
+    assert len(trainable_grids) == 1 and trainable_grids[0] is model.residual_grid(new).table
     # its views are among the first stylization's, whose ray samples were stored: none is marched again
     assert model.cached_cameras is not None and model.sample_store_hits == len(model.cached_cameras) > 0
     _assert_cache_matches_live_rays(pipeline, views=[0, len(model.cached_cameras) - 1], style=new)
@@ -359,8 +366,9 @@ def test_added_style_trains_alone_and_leaves_old_styles_unchanged(
 
     for index, name in enumerate(NAMES):
         assert _same_state(_head_state(model, index), old_heads[index])
-        torch.testing.assert_close(after[name], loaded[name], rtol=0, atol=1e-6)
+        assert torch.equal(after[name], loaded[name])  # bit-identical
     assert torch.equal(model.style_grid.table, grid)
+    assert model.residual_grid(new).table.abs().max() > 0  # the new style grew features of its own
     assert not _same_state(_head_state(model, new), new_head)
     assert (after["rocket"] - initialised["rocket"]).abs().max() > 1e-5
 
@@ -391,6 +399,24 @@ def test_reordered_styles_render_the_trained_styles(
     renders = _render(model, trained.camera)
     for name in NAMES:
         torch.testing.assert_close(renders[name], trained.renders[name], rtol=0, atol=1e-6)
+
+
+def test_checkpoint_saved_before_stylization_holds_no_trained_styles(
+    trained: Trained, load_trained: Callable[[tuple[str, ...]], MMNeRFPipeline]
+) -> None:
+    assert _mm(load_trained(STYLES)).trained_styles == set(NAMES)  # the finished run's heads are trained
+    config = _config(trained.scene, trained.root, STYLES, "reconstruction-only")
+    pipeline = config.pipeline.setup(device="cpu", test_mode="val")
+    assert isinstance(pipeline, MMNeRFPipeline)
+    state = pipeline.state_dict()  # what a save during reconstruction holds: heads nobody has trained
+    assert state["_model._extra_state"]["trained"] == []
+    again = config.pipeline.setup(device="cpu", test_mode="val")
+    assert isinstance(again, MMNeRFPipeline)
+    again.load_pipeline(state, RECONSTRUCTION_STEPS // 2)
+    assert again.mm_model.trained_styles == set()  # a resumed run stylizes every style afresh
+    legacy = {**state, "_model._extra_state": {"style_names": list(NAMES)}}  # runs saved before "trained" existed
+    again.load_pipeline(legacy, RECONSTRUCTION_STEPS // 2)
+    assert again.mm_model.trained_styles == set(NAMES)
 
 
 def test_load_dir_with_an_added_style_sets_up(trained: Trained) -> None:
@@ -741,7 +767,9 @@ def test_stylization_step_gives_gradients_to_one_head_and_the_style_grid(trained
             _, losses, metrics = pipeline.get_train_loss_dict(step)
             style = int(metrics["style_index"])
             seen.append(style)
-            assert set(losses) == {"style_loss", "consistency_loss"}
+            # the patch objective: perceptual style and content terms on a rendered patch, and the colour anchor
+            assert set(losses) == {"perceptual_style_loss", "perceptual_content_loss", "consistency_loss"}
+            assert all(torch.isfinite(v) and v >= 0 for v in losses.values())
             _total(losses).backward()
             for index, head in enumerate(model.heads):
                 grads = [p.grad for p in head.parameters()]

@@ -8,6 +8,10 @@ style's head only sees that style's (view-inconsistent) supervision, which is ho
 multi-style problem into per-style sub-problems; the feature grid is shared by all styles.
 
 Blending two styles interpolates their predicted parameters, ``theta = (1 - t) theta_a + t theta_b``.
+
+A style added to a trained model may also own a residual feature grid ``r_s``: its colour head then sees
+``f(x) + r_s(x)``, so it can paint texture the shared grid does not hold, while every other style's input (and
+render) stays exactly what it was. Styles without a residual hold an empty one (:attr:`FeatureGrid.active`).
 """
 
 from __future__ import annotations
@@ -44,6 +48,18 @@ class FeatureGrid(nn.Module):
         self.register_buffer("grid_dims", torch.tensor(grid_shape_for(self.aabb, resolution)))
         self.table = nn.Parameter(torch.randn(int(self.grid_dims.prod()), channels) * init_scale)
 
+    @classmethod
+    def empty(cls, aabb: Float[Tensor, "2 3"], channels: int) -> FeatureGrid:
+        """A grid without vertices (inactive) until :meth:`reset` gives it some, or a checkpoint loads them."""
+        grid = cls(aabb, resolution=2, channels=channels, init_scale=0.0)
+        grid.table = nn.Parameter(torch.zeros(0, channels))
+        return grid
+
+    @property
+    def active(self) -> bool:
+        """Whether the grid has vertices (an :meth:`empty` grid contributes nothing and must not be evaluated)."""
+        return self.table.shape[0] > 0
+
     @property
     def shape(self) -> tuple[int, int, int]:
         """Vertices per axis."""
@@ -55,7 +71,8 @@ class FeatureGrid(nn.Module):
 
     @torch.no_grad()
     def reset(self, aabb: Float[Tensor, "2 3"], resolution: int) -> None:
-        """Re-creates the grid (fresh random features) over a new box; the table becomes a new Parameter."""
+        """Re-creates the grid (fresh random features, zeros when ``init_scale`` is 0) over a new box; the table
+        becomes a new Parameter."""
         self.aabb.copy_(aabb)
         self.grid_dims.copy_(torch.tensor(grid_shape_for(self.aabb, resolution)))
         table = torch.randn(int(self.grid_dims.prod()), self.channels, device=self.aabb.device) * self.init_scale

@@ -5,7 +5,9 @@ Magenta's style-prediction network (Ghiasi et al., `arXiv 1705.06830 <https://ar
 (colour statistics and texture). A render that carries the target style gets a vector pointing the same way as
 the target style image's vector. The score of a set of frames is the mean over frames of
 ``cos(s(I_k), s*) = <s(I_k), s*> / (||s(I_k)|| ||s*||)``; higher is better. Renders of the unstylized field give
-the baseline; :func:`style_match_report` reports both and the gain.
+the baseline; :func:`style_match_report` reports both and the gain. With a per-view 2D stylization of the same
+frames as the ceiling, :func:`gain_share` gives the share of the 2D stylizer's gain a method reaches,
+``(S(ours) - S(unstylized)) / (S(2D) - S(unstylized))``.
 
 Any object with a ``style_vector(image)`` method works as the predictor (a CLIP-image-embedding wrapper, a fake
 in tests); predictor calls are the only cost.
@@ -125,3 +127,15 @@ def style_match_report(
         stylized_frames=stylized,
         unstylized_frames=unstylized,
     )
+
+
+def gain_share(stylized: float, unstylized: float, ceiling: float, eps: float = 1e-6) -> float:
+    """Share of the ceiling's style-match gain that the stylized renders reach.
+
+    ``(S(stylized) - S(unstylized)) / (S(ceiling) - S(unstylized))``: 0 for no gain, 1 for the ceiling's (a per-view
+    2D stylization of the same frames), above 1 beyond it; NaN when the ceiling gains nothing (``<= eps``).
+    """
+    gain = ceiling - unstylized
+    if not math.isfinite(gain) or gain <= eps:
+        return float("nan")
+    return (stylized - unstylized) / gain

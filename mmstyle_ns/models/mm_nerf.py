@@ -10,14 +10,22 @@ Training has two stages in one run:
    :mod:`mmstyle_ns.fields.style_field`). One style is trained per step (round robin), so the cost of a step does
    not grow with the number of styles.
 
-Supervision is 2D stylization of the training views (Magenta arbitrary style transfer by default), produced once
-and cached on disk, plus the multi-view style-consistent term (see :mod:`mmstyle_ns.style.targets`).
+Supervision (:data:`ObjectiveConfig`). By default a perceptual style loss on rendered square patches of the
+training views (Gram matrices of Magenta style-predictor features plus a content term,
+:mod:`mmstyle_ns.style.perceptual`), as MM-NeRF trains with a style and a content loss: it grows texture in the
+field instead of averaging the views' misaligned strokes into a tint. The multi-view style-consistent targets
+(the 2D stylizations of the views, Magenta arbitrary style transfer by default, averaged over neighbouring views,
+see :mod:`mmstyle_ns.style.targets`) anchor the colours. The ``pixel`` objective fits the 2D stylizations pixel by pixel
+instead (the earlier behaviour).
+
+Styles added to a trained model own a residual feature grid (see :mod:`mmstyle_ns.fields.style_field`) so that
+they can create texture the frozen shared grid lacks; the trained styles' renders stay bit-identical.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 import nerfacc
 import torch
@@ -34,9 +42,29 @@ from mmstyle_ns.fields.style_field import ColorHeadSpec, FeatureGrid, StyleHead
 from mmstyle_ns.models.frozen import FrozenGeometryModel, FrozenGeometryModelConfig, SampleCache
 from mmstyle_ns.style.cache import StylizedViewCache
 from mmstyle_ns.style.extractor import StyleExtractorConfig, most_similar
+from mmstyle_ns.style.perceptual import PerceptualLossConfig, PerceptualStyleLoss, StyleReference
 
 ORIGINAL = "original"
 """Output name (and viewer choice) of the unstylized, photorealistic render."""
+
+
+@dataclass
+class PatchObjectiveConfig:
+    """Perceptual style loss (style + content) on rendered square patches, plus the consistent-colour anchor."""
+
+    patch_size: int = 128
+    """Side of the rendered patches (capped at the image size; at least the feature network's minimum, 32)."""
+    loss: PerceptualLossConfig = field(default_factory=PerceptualLossConfig)
+    """The perceptual loss: feature network (magenta | vgg), style rule (nnfm | gram), weights."""
+
+
+@dataclass
+class PixelObjectiveConfig:
+    """Per-pixel fit of the 2D-stylized views, plus the consistency term (patterns average out into a tint)."""
+
+
+ObjectiveConfig = Union[PatchObjectiveConfig, PixelObjectiveConfig]  # noqa: UP007 - tyro subcommands
+"""What the stylization stage minimises."""
 
 
 @dataclass
@@ -54,12 +82,22 @@ class MMNeRFModelConfig(FrozenGeometryModelConfig):
     """Width of the colour head whose parameters the style heads predict."""
     head_hidden_dim: int = 64
     """Width of each style's parameter-prediction head."""
-    consistency_weight: float = 1.0
-    """Weight of the multi-view style-consistent loss (agreement with the stylized neighbouring views)."""
+    objective: ObjectiveConfig = field(default_factory=PatchObjectiveConfig)
+    """Stylization objective: patch (perceptual style + content loss on rendered patches, default) or pixel."""
+    consistency_weight: float = 0.3
+    """Weight of the multi-view style-consistent loss (agreement with the stylized neighbouring views; with the
+    patch objective it anchors the colours, a large weight averages the texture away)."""
+    residual_resolution: int = 64
+    """Vertices along the longest side of the residual feature grid of each style added to a trained model
+    (0: none; added styles then only re-mix the frozen shared features)."""
     consistency_neighbors: int = 4
     """Nearest stylized views each view is checked against for the multi-view style-consistent loss."""
     style_extractor: StyleExtractorConfig = field(default_factory=StyleExtractorConfig)
     """Multimodal style feature extractor: embeddings of image, text and audio styles."""
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a config.yml written before an option existed loads with that option's default (runs stay loadable)
+        self.__dict__.update({**type(self)().__dict__, **state})
 
 
 @dataclass(frozen=True)
@@ -96,6 +134,8 @@ class StyleTargets:
     """Multi-view style-consistent targets."""
     valid: Bool[Tensor, "V H W"]
     """Pixels with a consistent target."""
+    reference: StyleReference | None = None
+    """The style image as the perceptual loss sees it (patch objective)."""
 
 
 class StyleControls(nn.Module):
@@ -137,7 +177,9 @@ class MMNeRFModel(FrozenGeometryModel):
         self.register_buffer("style_embeddings", torch.zeros(0, 1))
         self.register_buffer("style_grid_ready", torch.tensor(False))
         self.trained_styles: set[str] = set()
-        """Styles whose heads came from a checkpoint (the others are new)."""
+        """Styles whose heads came from a checkpoint trained (the others are new)."""
+        self.stylized: set[str] = set()
+        """Styles whose heads took a stylization step in this run (saved as trained with :meth:`get_extra_state`)."""
         self.trainable: list[int] = []
         """Indices of the styles trained in the stylization stage."""
         self.style_views: Tensor | None = None
@@ -146,6 +188,9 @@ class MMNeRFModel(FrozenGeometryModel):
         """Training-camera index of each view in the sample cache ``[C]``."""
         self.style_targets: dict[int, StyleTargets] = {}
         """Supervision of each trainable style over ``style_views``."""
+        self.content_views: Tensor | None = None
+        """Unstylized training images of ``style_views`` over white, uint8 ``[V, H, W, 3]`` (content term)."""
+        self.residuals = nn.ModuleList()
         # The heads are created while the model is built, not added by the pipeline afterwards: the pipeline copies
         # rank 0's parameters to the other processes as soon as the model is built (multi-device training), and the
         # trainer's optimizers take their parameter groups from the model as built.
@@ -166,10 +211,13 @@ class MMNeRFModel(FrozenGeometryModel):
         self.heads = nn.ModuleList(
             StyleHead(embeddings.shape[1], self.config.head_hidden_dim, self.color_spec, initial) for _ in names
         )
+        aabb = self.scene_box.aabb.float()
+        self.residuals = nn.ModuleList(FeatureGrid.empty(aabb, self.config.style_feature_dim) for _ in names)
         self.style_controls = StyleControls(tuple(names))
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"style_names": list(self.style_names)}
+        # a checkpoint saved during reconstruction holds untrained heads: only stylized ones count as trained
+        return {"style_names": list(self.style_names), "trained": sorted(self.trained_styles | self.stylized)}
 
     def set_extra_state(self, state: Any) -> None:
         pass  # names are consumed in _load_from_state_dict, where heads are matched by name
@@ -183,18 +231,19 @@ class MMNeRFModel(FrozenGeometryModel):
             return
         extra = state_dict.get(prefix + "_extra_state")
         saved_names = list(extra["style_names"]) if isinstance(extra, dict) else []
-        head_prefix = prefix + "heads."
-        saved_heads = {k: state_dict.pop(k) for k in list(state_dict) if k.startswith(head_prefix)}
-        self.trained_styles = set()
-        for old_index, name in enumerate(saved_names):
-            if name not in self.style_names:
-                continue
-            new_index = self.style_names.index(name)
-            self.trained_styles.add(name)
-            for key, value in saved_heads.items():
-                rest = key[len(head_prefix) :]
-                if rest.split(".", 1)[0] == str(old_index):
-                    state_dict[f"{head_prefix}{new_index}.{rest.split('.', 1)[1]}"] = value
+        trained = extra.get("trained", saved_names) if isinstance(extra, dict) else []  # older runs: all of them
+        self.trained_styles = {name for name in trained if name in self.style_names}
+        for part in ("heads.", "residuals."):  # per-style modules, by name
+            part_prefix = prefix + part
+            saved = {k: state_dict.pop(k) for k in list(state_dict) if k.startswith(part_prefix)}
+            for old_index, name in enumerate(saved_names):
+                if name not in self.style_names:
+                    continue
+                new_index = self.style_names.index(name)
+                for key, value in saved.items():
+                    rest = key[len(part_prefix) :]
+                    if rest.split(".", 1)[0] == str(old_index):
+                        state_dict[f"{part_prefix}{new_index}.{rest.split('.', 1)[1]}"] = value
         saved_embeddings = state_dict.get(prefix + "style_embeddings")
         if saved_embeddings is not None:  # by name too: the configured order wins
             merged = self.style_embeddings.clone()
@@ -226,7 +275,8 @@ class MMNeRFModel(FrozenGeometryModel):
 
     def get_param_groups(self) -> dict[str, list[Parameter]]:
         groups = super().get_param_groups()
-        groups["style_grid"] = [self.style_grid.table]
+        residuals = [self.residual_grid(i).table for i in range(len(self.residuals))]
+        groups["style_grid"] = [self.style_grid.table, *residuals]
         groups["style_heads"] = list(self.heads.parameters())
         return groups
 
@@ -256,9 +306,47 @@ class MMNeRFModel(FrozenGeometryModel):
         """What the colour head sees at each sample: the shared style features and the photorealistic colour."""
         return torch.cat([self.style_grid(positions), self.base_diffuse_color(positions)], dim=-1)
 
-    def stylized_colors(self, positions: Float[Tensor, "S 3"], params: Float[Tensor, " P"]) -> Float[Tensor, "S 3"]:
-        """Colours of samples under the colour head ``params``."""
-        return self.color_spec.apply(params, self.head_inputs(positions))
+    def with_residual(
+        self, inputs: Float[Tensor, "S F"], positions: Float[Tensor, "S 3"], style: int, scale: float = 1.0
+    ) -> Float[Tensor, "S F"]:
+        """``inputs`` with style ``style``'s residual features (times ``scale``) added to the shared ones; the
+        same tensor when the style has no residual (its render is then exactly the shared-grid one)."""
+        grid = self.residual_grid(style) if style < len(self.residuals) else None
+        if grid is None or not grid.active:
+            return inputs
+        residual = grid(positions) * scale
+        return inputs + F.pad(residual, (0, inputs.shape[-1] - residual.shape[-1]))
+
+    def residual_grid(self, style: int) -> FeatureGrid:
+        """Style ``style``'s residual feature grid (empty, :attr:`FeatureGrid.active` false, when it has none)."""
+        grid = self.residuals[style]
+        assert isinstance(grid, FeatureGrid)
+        return grid
+
+    def style_inputs(self, positions: Float[Tensor, "S 3"], style: int) -> Float[Tensor, "S F"]:
+        """The colour head's inputs for style ``style`` (shared features plus its residual, base colour)."""
+        return self.with_residual(self.head_inputs(positions), positions, style)
+
+    def stylized_colors(
+        self, positions: Float[Tensor, "S 3"], params: Float[Tensor, " P"], style: int | None = None
+    ) -> Float[Tensor, "S 3"]:
+        """Colours of samples under the colour head ``params`` (with style ``style``'s residual features)."""
+        inputs = self.head_inputs(positions) if style is None else self.style_inputs(positions, style)
+        return self.color_spec.apply(params, inputs)
+
+    @torch.no_grad()
+    def prepare_residuals(self, styles: list[int]) -> dict[Parameter, Parameter]:
+        """Gives each of ``styles`` a zero residual feature grid over the field's box (no change to its render
+        yet); returns the replaced parameters (old -> new) for the optimizers."""
+        replaced: dict[Parameter, Parameter] = {}
+        if self.config.residual_resolution <= 0:
+            return replaced
+        for index in styles:
+            grid = self.residual_grid(index)
+            old = grid.table
+            grid.reset(self.field.aabb.clone(), self.config.residual_resolution)
+            replaced[old] = grid.table
+        return replaced
 
     @torch.no_grad()
     def cache_head_inputs(self, chunk: int = 1 << 16) -> None:
@@ -283,17 +371,19 @@ class MMNeRFModel(FrozenGeometryModel):
         cache = self.sample_cache
         sample_ids, ray_indices = cache.gather(pixels)
         params = self.style_parameters(style)
+        positions = cache.positions[sample_ids]
         if cache.head_inputs is not None:
-            colors = self.color_spec.apply(params, cache.head_inputs[sample_ids])
+            inputs = self.with_residual(cache.head_inputs[sample_ids], positions, style)
+            colors = self.color_spec.apply(params, inputs)
         else:
-            colors = self.stylized_colors(cache.positions[sample_ids], params)
+            colors = self.stylized_colors(positions, params, style)
         return self._composite_white(colors, cache.weights[sample_ids], ray_indices, len(pixels))
 
     def render_uncached(self, origins: Float[Tensor, "B 3"], directions: Float[Tensor, "B 3"], style: int) -> Tensor:
         """The same as :meth:`render_cached`, marching the rays live (reference path; slower)."""
         samples, weights = self.march_weights(origins, directions)
         keep = weights >= self.config.cache_min_weight
-        colors = self.stylized_colors(samples.positions[keep], self.style_parameters(style))
+        colors = self.stylized_colors(samples.positions[keep], self.style_parameters(style), style)
         return self._composite_white(colors, weights[keep], samples.ray_indices[keep], len(origins))
 
     @staticmethod
@@ -320,7 +410,44 @@ class MMNeRFModel(FrozenGeometryModel):
             losses["consistency_loss"] = self.config.consistency_weight * error
         return losses
 
+    def patch_loss(
+        self, view: int, top: int, left: int, size: int, style: int, criterion: PerceptualStyleLoss
+    ) -> dict[str, Tensor]:
+        """Perceptual losses of one rendered ``size`` x ``size`` patch of view ``view`` (of :attr:`style_views`)
+        at ``(top, left)``, plus the consistent-colour term over its pixels.
+
+        Args:
+            criterion: the perceptual loss (built once by the pipeline and passed in).
+        """
+        cache, views = self.sample_cache, self.style_views
+        assert cache is not None and views is not None and self.content_views is not None, "prepare stylization"
+        _, height, width = cache.image_shape
+        rows = torch.arange(top, top + size, device=views.device)
+        cols = torch.arange(left, left + size, device=views.device)
+        grid_rows, grid_cols = (r.reshape(-1) for r in torch.meshgrid(rows, cols, indexing="ij"))
+        pixels = (views[view] * height + grid_rows) * width + grid_cols
+        rgb = self.render_cached(pixels, style)
+        data = self.style_targets[style]
+        assert data.reference is not None, "the style's perceptual reference is prepared with the stylization"
+        render = rgb.view(1, size, size, 3).permute(0, 3, 1, 2)  # [1, 3, P, P]
+        content = self.content_views[view, top : top + size, left : left + size].float() / 255.0
+        mask = cache.accumulation[pixels].view(1, 1, size, size)
+        losses = criterion(render, content.permute(2, 0, 1)[None], data.reference, mask)
+        if self.config.consistency_weight > 0:
+            flat_view = torch.full_like(grid_rows, view)
+            consensus = data.consensus[flat_view, grid_rows, grid_cols].float() / 255.0
+            valid = data.valid[flat_view, grid_rows, grid_cols].float()[:, None]
+            error = ((rgb - consensus) ** 2 * valid).sum() / (3 * valid.sum()).clamp_min(1.0)
+            losses["consistency_loss"] = self.config.consistency_weight * error
+        return losses
+
     # ---- rendering ---------------------------------------------------------------------------------------
+
+    def blend_inputs(
+        self, inputs: Float[Tensor, "S F"], positions: Float[Tensor, "S 3"], first: int, second: int, t: float
+    ) -> Float[Tensor, "S F"]:
+        """The colour head's inputs between two styles: their residual features blended like their parameters."""
+        return self.with_residual(self.with_residual(inputs, positions, first, 1.0 - t), positions, second, t)
 
     def blend_parameters(self, first: int, second: int, t: float) -> Float[Tensor, " P"]:
         """Colour-head parameters between two styles: ``(1 - t) theta_first + t theta_second``."""
@@ -343,9 +470,11 @@ class MMNeRFModel(FrozenGeometryModel):
         original = self.composite(colors, weights, samples.ray_indices, num_rays, self.config.background_color)
         outputs[ORIGINAL] = original.view(*batch_shape, 3)
         for index, name in enumerate(self.style_names):
-            rgb = self._composite_white(self.color_spec.apply(self.style_parameters(index), inputs), w, rays, num_rays)
+            own = self.with_residual(inputs, positions, index)
+            rgb = self._composite_white(self.color_spec.apply(self.style_parameters(index), own), w, rays, num_rays)
             outputs[name] = rgb.view(*batch_shape, 3)
-        outputs["rgb"] = self.viewer_selection(outputs, inputs, w, rays, num_rays).view(*batch_shape, 3)
+        selection = self.viewer_selection(outputs, inputs, w, rays, num_rays, positions)
+        outputs["rgb"] = selection.view(*batch_shape, 3)
         return outputs
 
     def viewer_selection(
@@ -355,6 +484,7 @@ class MMNeRFModel(FrozenGeometryModel):
         weights: Tensor,
         ray_indices: Tensor,
         num_rays: int,
+        positions: Float[Tensor, "S 3"] | None = None,
     ) -> Float[Tensor, "R 3"]:
         """The render chosen in the viewer: one style, or two blended (parameters blended when both are styles)."""
         controls = self.style_controls
@@ -366,7 +496,10 @@ class MMNeRFModel(FrozenGeometryModel):
             return outputs[second].reshape(-1, 3)
         if ORIGINAL in (first, second):  # no parameters for the photorealistic colour: blend the images
             return ((1.0 - t) * outputs[first] + t * outputs[second]).reshape(-1, 3)
-        params = self.blend_parameters(self.style_names.index(first), self.style_names.index(second), t)
+        a, b = self.style_names.index(first), self.style_names.index(second)
+        params = self.blend_parameters(a, b, t)
+        if positions is not None:
+            inputs = self.blend_inputs(inputs, positions, a, b, t)
         return self._composite_white(self.color_spec.apply(params, inputs), weights, ray_indices, num_rays)
 
     def get_image_metrics_and_images(

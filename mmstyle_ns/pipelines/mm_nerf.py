@@ -19,15 +19,23 @@ from nerfstudio.utils.rich_utils import CONSOLE
 
 from mmstyle_ns.distributed import broadcast_module
 from mmstyle_ns.fields.grid_field import replace_parameters
-from mmstyle_ns.models.mm_nerf import STYLE_PANEL, MMNeRFModel, MMNeRFModelConfig, StyleSet, StyleTargets
+from mmstyle_ns.models.mm_nerf import (
+    STYLE_PANEL,
+    MMNeRFModel,
+    MMNeRFModelConfig,
+    PatchObjectiveConfig,
+    StyleSet,
+    StyleTargets,
+)
 from mmstyle_ns.pipelines.base import MMStylePipeline, MMStylePipelineConfig, ModelWithArguments, cache_root_for
 from mmstyle_ns.style.adain import AdaINConfig
 from mmstyle_ns.style.cache import StylizedViewCache, style_key_for
 from mmstyle_ns.style.extractor import MultimodalStyleExtractor, PreparedStyle
 from mmstyle_ns.style.magenta import MissingDependencyError
+from mmstyle_ns.style.perceptual import PerceptualStyleLoss, VGGFeaturesConfig
 from mmstyle_ns.style.sources import StyleInputError, parse_style_specs
 from mmstyle_ns.style.stylizer import Stylizer
-from mmstyle_ns.style.targets import consistent_targets, stylized_views
+from mmstyle_ns.style.targets import composite_white, consistent_targets, stylized_views
 
 
 def spread(items: list[int], count: int) -> list[int]:
@@ -131,6 +139,8 @@ class MMNeRFPipeline(MMStylePipeline):
         # nerfstudio's viewer names a panel after the (shortest) attribute path to its elements: this one is
         # shorter than the model's own, so the controls appear under a readable name, not an attribute's
         self.add_module(STYLE_PANEL, self.model.style_controls)
+        self._criteria: dict[str, PerceptualStyleLoss] = {}
+        """The perceptual loss, built on first use (a plain dict: its frozen network is not part of the state)."""
         self.style_ready = False
         self.stylization_seconds = 0.0
         """Wall time the last :meth:`prepare_stylization` took."""
@@ -154,6 +164,26 @@ class MMNeRFPipeline(MMStylePipeline):
             stylizer = self.config.adain.setup() if self.config.stylizer == "adain" else self.extractor.stylizer
             self._stylizer = stylizer
         return stylizer
+
+    @property
+    def objective(self) -> PatchObjectiveConfig | None:
+        """The patch objective's configuration, or None with the pixel objective."""
+        objective = self.config.model.objective
+        return objective if isinstance(objective, PatchObjectiveConfig) else None
+
+    @property
+    def criterion(self) -> PerceptualStyleLoss:
+        """The perceptual loss of the patch objective (built once; VGG features default to the AdaIN weights)."""
+        if "loss" not in self._criteria:
+            objective = self.objective
+            assert objective is not None, "the pixel objective has no perceptual loss"
+            loss_config = dataclasses.replace(objective.loss)
+            features = loss_config.features
+            if isinstance(features, VGGFeaturesConfig) and features.vgg_weights is None:
+                loss_config.features = dataclasses.replace(features, vgg_weights=self.config.adain.vgg_weights)
+            loss_config.features = dataclasses.replace(loss_config.features, device=str(self.device))
+            self._criteria["loss"] = loss_config.setup()
+        return self._criteria["loss"]
 
     @property
     def mm_model(self) -> MMNeRFModel:
@@ -184,8 +214,12 @@ class MMNeRFPipeline(MMStylePipeline):
         model.trainable = new if incremental else list(range(len(model.style_names)))
         if incremental:
             model.style_grid.table.requires_grad_(False)
+            replaced = model.prepare_residuals(new)  # new styles may grow texture the frozen grid lacks
+            if optimizers is not None and replaced:
+                replace_parameters(optimizers, replaced)
             for index, head in enumerate(model.heads):
                 head.requires_grad_(index in model.trainable)
+                model.residuals[index].requires_grad_(index in model.trainable)
             CONSOLE.print(f"Adding styles {[model.style_names[i] for i in new]} to a trained model (incremental)")
 
         dataset = self.datamanager.train_dataset
@@ -205,6 +239,8 @@ class MMNeRFPipeline(MMStylePipeline):
         model.style_views = torch.arange(len(views), device=self.device)
         model.cached_cameras = sel
         images = [dataset.get_image_float32(i).numpy() for i in views]
+        content = np.stack([composite_white(image) for image in images])
+        model.content_views = torch.from_numpy(np.round(np.clip(content, 0, 1) * 255).astype(np.uint8)).to(self.device)
 
         # geometry of the chosen views for the multi-view consistent targets
         origins, directions = [], []
@@ -240,8 +276,11 @@ class MMNeRFPipeline(MMStylePipeline):
                 intrinsics,
                 neighbors=model.config.consistency_neighbors,
             )
+            reference = None
+            if self.objective is not None:
+                reference = self.criterion.reference(torch.from_numpy(np.ascontiguousarray(prepared.image)).float())
             model.style_targets[index] = StyleTargets(
-                targets.to(self.device), consensus.to(self.device), valid.to(self.device)
+                targets.to(self.device), consensus.to(self.device), valid.to(self.device), reference
             )
         broadcast_module(model)  # new heads and style grid start the same on every process
         self.style_ready = True
@@ -264,14 +303,45 @@ class MMNeRFPipeline(MMStylePipeline):
         cols = torch.randint(0, width, (count,), device=device)
         return view, rows, cols, model.trainable[step % len(model.trainable)]
 
+    def patch_size(self) -> int:
+        """Side of the rendered training patches: the configured one, capped at the images' shorter side."""
+        model, objective = self.mm_model, self.objective
+        assert model.sample_cache is not None and objective is not None
+        _, height, width = model.sample_cache.image_shape
+        size = min(objective.patch_size, height, width)
+        if size < self.criterion.min_side:
+            raise ValueError(
+                f"the patch objective needs patches of at least {self.criterion.min_side} pixels, the images are "
+                f"{height}x{width} and --pipeline.model.objective.patch-size is {objective.patch_size}; use the "
+                "pixel objective (pipeline.model.objective:pixel-objective-config) for smaller images"
+            )
+        return size
+
+    def style_patch(self, step: int) -> tuple[int, int, int, int, int]:
+        """A random square patch of a stylized view and the style trained at ``step`` (round robin):
+        ``(view, top, left, size, style)``."""
+        model = self.mm_model
+        assert model.sample_cache is not None and model.style_views is not None
+        _, height, width = model.sample_cache.image_shape
+        size = self.patch_size()
+        view = int(torch.randint(0, len(model.style_views), ()))
+        top = int(torch.randint(0, height - size + 1, ()))
+        left = int(torch.randint(0, width - size + 1, ()))
+        return view, top, left, size, model.trainable[step % len(model.trainable)]
+
     def get_train_loss_dict(self, step: int):  # noqa: ANN201 - nerfstudio's signature
         model = self.mm_model
         if not model.in_style_stage(step):
             return super().get_train_loss_dict(step)
         if not self.style_ready:
             self.prepare_stylization()
-        view, rows, cols, style = self.style_batch(step)
-        losses = model.style_loss(view, rows, cols, style)
+        if self.objective is not None:
+            view, top, left, size, style = self.style_patch(step)
+            losses = model.patch_loss(view, top, left, size, style, self.criterion)
+        else:
+            view, rows, cols, style = self.style_batch(step)
+            losses = model.style_loss(view, rows, cols, style)
+        model.stylized.add(model.style_names[style])
         metrics = {"style_index": torch.tensor(float(style))}
         return {}, losses, metrics
 

@@ -169,6 +169,11 @@ def add_styles(args: AddStyleArgs) -> tuple[Path, float]:
     loaded = torch.load(checkpoint_path, map_location=device)
     step = int(loaded["step"])
     pipeline.load_pipeline(loaded["pipeline"], step)
+    if not pipeline.mm_model.trained_styles:
+        raise RunConfigError(
+            f"the run's latest checkpoint ({checkpoint_path.name}) was saved before its stylization started: "
+            "finish the run (resume it with ns-train ... --load-dir) before adding styles"
+        )
     if set(pipeline.mm_model.trained_styles) != set(old_names):
         raise RunConfigError(
             f"the checkpoint's styles {sorted(pipeline.mm_model.trained_styles)} differ from the run's {old_names}"

@@ -5,14 +5,16 @@ Renders a turntable fitted to the training cameras and, for every style, measure
 * short- and long-range consistency: warped RMSE / masked error between frames ``gap`` apart (gaps 1 and 7 by
   default), the warp given by the rendered depth and the known cameras — for the stylized renders and for a
   per-view 2D stylization of the same (unstylized) views, the baseline MM-NeRF improves on;
-* style match: cosine similarity of the Magenta style vector of the renders to the style's own, against that
-  of the unstylized renders;
+* style match: cosine similarity of the Magenta style vector of the renders to the style's own, for ours, the
+  unstylized renders and the per-view 2D stylizations (the ceiling), and the share of the 2D gain ours reaches,
+  ``(ours - unstylized) / (2D - unstylized)``;
 * with a CLIP (the run's own when it embeds styles with CLIP, or ``--clip-model``/``--clip-checkpoint``): the same
   style match in CLIP space, the image-text similarity of the renders to each text style's prompt, and how well
   text styles and the images made from them agree in CLIP space
   (:func:`~mmstyle_ns.metrics.clip_space.modality_agreement`).
 
-Writes ``metrics.json`` and ``contact_sheet.png`` (rows: styles, columns: views) into the output folder.
+Writes ``metrics.json`` and ``contact_sheet.png`` (rows: styles, columns: views, then a zoomed crop of one view so
+that texture, not only colour, can be judged) into the output folder.
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ class MMEvalArgs:
     """Frame gaps of the consistency measure (short and long range)."""
     sheet_columns: int = 6
     """Views shown per style in the contact sheet."""
+    zoom: int = 3
+    """Enlargement of the zoomed crop (the sheet's last column; 0: none)."""
+    zoom_fraction: float = 0.4
+    """Side of the zoomed crop, as a fraction of the frame's shorter side (centred on the object)."""
     baseline: bool = True
     """Also stylize every frame independently in 2D (the per-view baseline); the slow part of the evaluation."""
     clip_model: str | None = None
@@ -82,6 +88,8 @@ def main(args: MMEvalArgs) -> dict:
 
     from mmstyle_ns.engine import RunConfigError, load_run_config
     from mmstyle_ns.metrics import contact_sheet, save_png, style_match_report, warped_error
+    from mmstyle_ns.metrics.sheets import zoomed_crop
+    from mmstyle_ns.metrics.style_match import gain_share, style_similarity
     from mmstyle_ns.models.mm_nerf import ORIGINAL, MMNeRFModel
     from mmstyle_ns.pipelines.mm_nerf import MMNeRFPipelineConfig
 
@@ -136,8 +144,13 @@ def main(args: MMEvalArgs) -> dict:
             per_view = np.where(valid[..., None], per_view, 1.0)  # same white background as the renders
             baseline_frames[name] = per_view
             entry["per_view_2d"] = consistency(per_view)
-        match = style_match_report(ours[:: max(1, len(ours) // 6)], np.stack(frames[ORIGINAL])[::6], vector, magenta)
+        step = max(1, len(ours) // 6)  # the same frames for ours, the unstylized renders and the 2D ceiling
+        match = style_match_report(ours[::step], np.stack(frames[ORIGINAL])[::step], vector, magenta)
         entry["style_match"] = {"stylized": match["stylized"], "unstylized": match["unstylized"], "gain": match["gain"]}
+        if name in baseline_frames:
+            ceiling = style_similarity(baseline_frames[name][::step], vector, magenta)
+            entry["style_match"]["per_view_2d"] = ceiling
+            entry["style_match"]["gain_share"] = gain_share(match["stylized"], match["unstylized"], ceiling)
         if clip is not None:
             entry.update(_clip_figures(clip, ours, np.stack(frames[ORIGINAL]), prepared[name]))
         report["styles"][name] = entry
@@ -154,12 +167,22 @@ def main(args: MMEvalArgs) -> dict:
 
     args.output_dir.mkdir(parents=True, exist_ok=True)
     columns = np.linspace(0, args.num_frames - 1, args.sheet_columns).round().astype(int)
-    rows = [[frames[name][c] for c in columns] for name in names]
+    zoom_view = int(columns[len(columns) // 2])
+    centre = _object_centre(valid[zoom_view])
+
+    def row_of(stack: Any) -> list[np.ndarray]:
+        cells = [stack[c] for c in columns]
+        if args.zoom > 0:
+            cells.append(zoomed_crop(stack[zoom_view], centre, args.zoom_fraction, args.zoom))
+        return cells
+
+    rows = [row_of(frames[name]) for name in names]
     labels = list(names)
     for name, per_view in baseline_frames.items():
-        rows.append([per_view[c] for c in columns])
+        rows.append(row_of(per_view))
         labels.append(f"{name} (2D per view)")
-    sheet = contact_sheet(rows, row_labels=labels, col_labels=[f"view {c}" for c in columns])
+    col_labels = [f"view {c}" for c in columns] + ([f"view {zoom_view} x{args.zoom}"] if args.zoom > 0 else [])
+    sheet = contact_sheet(rows, row_labels=labels, col_labels=col_labels)
     save_png(args.output_dir / "contact_sheet.png", sheet)
     (args.output_dir / "metrics.json").write_text(json.dumps(report, indent=2))
 
@@ -168,7 +191,8 @@ def main(args: MMEvalArgs) -> dict:
     for gap in args.gaps:
         table.add_column(f"ours gap {gap}")
         table.add_column(f"2D gap {gap}")
-    table.add_column("style sim (ours / unstylized)")
+    table.add_column("style sim (ours / unstylized / 2D)")
+    table.add_column("share of 2D gain")
     if clip is not None:
         table.add_column(f"CLIP style sim ({clip.name})")
     for name, entry in report["styles"].items():
@@ -178,7 +202,8 @@ def main(args: MMEvalArgs) -> dict:
             base = entry.get("per_view_2d", {}).get(f"rmse_gap{gap}", float("nan"))
             cells.append(f"{base:.4f}")
         sm = entry["style_match"]
-        cells.append(f"{sm['stylized']:.3f} / {sm['unstylized']:.3f}")
+        cells.append(f"{sm['stylized']:.3f} / {sm['unstylized']:.3f} / {sm.get('per_view_2d', float('nan')):.3f}")
+        cells.append(f"{sm.get('gain_share', float('nan')):.2f}")
         if clip is not None:
             cm = entry["clip_style_match"]
             cells.append(f"{cm['stylized']:.3f} / {cm['unstylized']:.3f}")
@@ -211,6 +236,14 @@ def _clip_for(args: MMEvalArgs, pipeline: Any) -> Any:
     if pipeline.extractor.config.embedding == "clip":
         return pipeline.extractor.clip()
     return None
+
+
+def _object_centre(mask: np.ndarray) -> tuple[float, float]:
+    """Centre of a frame's opaque pixels as ``(row, column)`` fractions (the frame's centre when none)."""
+    rows, cols = np.nonzero(mask)
+    if rows.size == 0:
+        return 0.5, 0.5
+    return float(rows.mean() + 0.5) / mask.shape[0], float(cols.mean() + 0.5) / mask.shape[1]
 
 
 def _square(image: np.ndarray) -> np.ndarray:
