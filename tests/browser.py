@@ -2,8 +2,8 @@
 
 The browser is the system's own (Debian's ``chromium`` package); nothing here downloads one. WebGL runs on
 SwiftShader, Chromium's CPU renderer, so the page draws its canvas on machines without a GPU. The client speaks
-CDP's JSON messages over the page target's websocket: evaluate JavaScript, dispatch mouse events as a user's
-mouse does, capture screenshots.
+CDP's JSON messages over the page target's websocket: evaluate JavaScript, dispatch mouse and keyboard events as a
+user's mouse and keyboard do (text goes in as typed or pasted into the focused element), capture screenshots.
 
 Example::
 
@@ -27,7 +27,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -45,6 +45,18 @@ NO_CHROMIUM = (
 
 WINDOW = (1200, 800)
 """Default viewport size (width, height) in CSS pixels."""
+
+CTRL = 2
+"""CDP's modifier bit of the Control key (Alt 1, Control 2, Meta 4, Shift 8), for :meth:`Browser.press_key`."""
+
+KEYS: dict[str, tuple[str, int, str]] = {
+    "Enter": ("Enter", 13, "\r"),
+    "Tab": ("Tab", 9, ""),
+    "Escape": ("Escape", 27, ""),
+    "Backspace": ("Backspace", 8, ""),
+    "Delete": ("Delete", 46, ""),
+}
+"""Named keys :meth:`Browser.press_key` knows: their ``code``, Windows virtual key code and the text they type."""
 
 T = TypeVar("T")
 
@@ -232,6 +244,41 @@ class Browser:
         self.send("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
         for kind, buttons in (("mousePressed", 1), ("mouseReleased", 0)):
             self.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", buttons=buttons, clickCount=1)
+
+    def press_key(self, key: str, modifiers: int = 0, commands: Sequence[str] = ()) -> None:
+        """Presses and releases ``key`` on the focused element, as a keyboard does.
+
+        Args:
+            key: A name of :data:`KEYS` or one letter or digit.
+            modifiers: Modifier keys held meanwhile (a sum of CDP's bits, such as :data:`CTRL`).
+            commands: Editing commands the key press performs (e.g. ``selectAll``): Chromium runs a shortcut's
+                command only when it is named here.
+
+        Raises:
+            BrowserError: ``key`` is neither a named key nor one letter or digit.
+        """
+        if key in KEYS:
+            code, key_code, text = KEYS[key]
+        elif len(key) == 1 and key.isascii() and key.isalnum():
+            code = f"Key{key.upper()}" if key.isalpha() else f"Digit{key}"
+            key_code, text = ord(key.upper()), key
+        else:
+            raise BrowserError(f"unknown key {key!r}: one of {', '.join(KEYS)} or one letter or digit")
+        if modifiers & ~8:  # a shortcut (Shift alone still types)
+            text = ""
+        event: dict[str, Any] = {"key": key, "code": code, "windowsVirtualKeyCode": key_code, "modifiers": modifiers}
+        down = {**event, "type": "keyDown", "text": text} if text else {**event, "type": "rawKeyDown"}
+        self.send("Input.dispatchKeyEvent", **down, commands=list(commands))
+        self.send("Input.dispatchKeyEvent", **event, type="keyUp")
+
+    def select_all(self) -> None:
+        """Control+A: selects all the text of the focused input."""
+        self.press_key("a", modifiers=CTRL, commands=("selectAll",))
+
+    def insert_text(self, text: str) -> None:
+        """Types ``text`` into the focused element in one go, as a paste or an input method does: one ``input``
+        event, no key events (it replaces the element's selection)."""
+        self.send("Input.insertText", text=text)
 
     def screenshot(self, clip: tuple[float, float, float, float] | None = None) -> np.ndarray:
         """The page's pixels as an ``[H, W, 3]`` uint8 array, of the whole viewport or of ``clip`` = (x, y, w, h)."""

@@ -7,6 +7,10 @@ click on an option of its list. The canvas must then show that style: the render
 pipeline's own render of the picked style from the viewer's camera than to the other style's, and picking the first
 style again brings its picture back.
 
+A ``head-stylize`` pipeline with tiny diffusion components, built untrained, is served the same way: Chromium clicks
+the Prompt text field, replaces its text and the model's ``config.prompt`` (the next training step's prompt) becomes
+the typed text.
+
 The tier runs where a Chromium is installed (``apt-get install chromium``) and skips with :data:`NO_CHROMIUM`
 elsewhere.
 """
@@ -19,6 +23,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,7 +135,6 @@ class Served:
 def served(chromium: str, tiny_scene: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """Trains the two-colour run, then serves its checkpoint with the viewer (rendering at :data:`MAX_RES`)."""
     from nerfstudio.utils.eval_utils import eval_setup
-    from nerfstudio.viewer.viewer import Viewer
 
     from mmstyle_ns.pipelines.mm_nerf import MMNeRFPipeline
 
@@ -176,29 +180,36 @@ def served(chromium: str, tiny_scene: Path, tmp_path_factory: pytest.TempPathFac
         return outputs
 
     model.get_outputs_for_camera = recording  # type: ignore[method-assign]
-    config.viewer.websocket_host, config.viewer.websocket_port = "127.0.0.1", _free_port()
-    config.viewer.image_format = "png"  # lossless frames
-    viewer = Viewer(
-        config.viewer,
-        log_filename=root / "viewer_log.txt",
-        datapath=tiny_scene,
-        pipeline=pipeline,
-        train_lock=None,
-    )
+    try:
+        with _viewer(config.viewer, pipeline, tiny_scene, root) as (viewer, url):
+            served = Served(viewer, url, model.style_names)
+            yield served
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextmanager
+def _viewer(viewer_config: Any, pipeline: Any, data: Path, root: Path) -> Iterator[tuple[Any, str]]:
+    """Serves ``pipeline`` with nerfstudio's ``Viewer`` on a free local port as ``ns-viewer`` does (its training
+    state "completed", lossless frames at :data:`MAX_RES`); yields the viewer and its page's address and stops
+    both the server and its render threads afterwards."""
+    from nerfstudio.viewer.viewer import Viewer
+
+    viewer_config.websocket_host, viewer_config.websocket_port = "127.0.0.1", _free_port()
+    viewer_config.image_format = "png"  # lossless frames
+    viewer = Viewer(viewer_config, log_filename=root / "viewer_log.txt", datapath=data, pipeline=pipeline)
     try:
         viewer.init_scene(
-            train_dataset=pipeline.datamanager.train_dataset,  # type: ignore[arg-type]
+            train_dataset=pipeline.datamanager.train_dataset,
             train_state="completed",
             eval_dataset=pipeline.datamanager.eval_dataset,
         )
         viewer.control_panel._max_res.value = MAX_RES
-        served = Served(viewer, f"http://127.0.0.1:{config.viewer.websocket_port}/", model.style_names)
-        yield served
+        yield viewer, f"http://127.0.0.1:{viewer_config.websocket_port}/"
     finally:
         viewer.viser_server.stop()
         for machine in list(viewer.render_statemachines.values()):
             machine.running = False
-        torch.set_num_threads(threads)
 
 
 # ---- the page ----------------------------------------------------------------------------------------------
@@ -350,3 +361,68 @@ def test_picking_a_style_in_the_page_changes_the_canvas_to_that_style(
     assert _error(before.canvas, back.canvas) < 0.25 * changed, f"picking '{first}' again did not bring it back {where}"
     # the run's styles are a red and a blue image: the object is redder with the first, bluer with the second
     assert _blueness(picked) > _blueness(before) + 0.05 and _blueness(picked) > _blueness(back) + 0.05, where
+
+
+# ---- the head-stylize prompt ---------------------------------------------------------------------------------
+
+NEW_PROMPT = "a cartoon of a red cube on a plain floor"
+"""What the test types into the Prompt field."""
+
+
+@pytest.fixture
+def head_viewer(
+    chromium: str, one_thread: None, tiny_scene: Path, tiny_guidance_model: Path, tmp_path: Path
+) -> Iterator[tuple[Any, str]]:
+    """An untrained ``head-stylize`` pipeline (tiny diffusion components, one coarse grid, nothing encoded)
+    served by the viewer; yields its model and the page's address (skips first where no Chromium is installed)."""
+    from mmstyle_ns.models.head_stylize import HeadStylizeModel
+
+    config = short_run_config("head-stylize", tiny_scene, tmp_path, iterations=4, guidance_model=tiny_guidance_model)
+    model_config = config.pipeline.model
+    model_config.grid_resolutions, model_config.regrid_steps, model_config.init_from_views = (16,), (), False
+    pipeline = config.pipeline.setup(device="cpu", test_mode="inference")  # "inference": no latents encoded
+    assert isinstance(pipeline.model, HeadStylizeModel)
+    with _viewer(config.viewer, pipeline, tiny_scene, tmp_path) as (_, url):
+        yield pipeline.model, url
+
+
+_TEXT_JS = """(label => {
+  const labels = [...document.querySelectorAll('label')].filter(l => l.textContent.trim() === label);
+  if (labels.length !== 1) return null;
+  let row = labels[0].parentElement;  // the label's row holds the input (viser does not give the input the
+  while (row && !row.querySelector('input')) row = row.parentElement;  // label's htmlFor id)
+  const input = row && row.querySelector('input');
+  if (!input) return null;
+  input.scrollIntoView({block: 'center'});
+  const box = input.getBoundingClientRect();
+  return {type: input.type, value: input.value, focused: document.activeElement === input,
+          x: box.x + box.width / 2, y: box.y + box.height / 2};
+})(%s)"""
+"""The page's one text input labelled ``label``, scrolled into view: its type, value, whether it has the focus, and
+its centre (or null)."""
+
+
+def _text_input(browser: Browser, label: str) -> dict[str, Any]:
+    """The text input ``label`` (see ``_TEXT_JS``), once the page shows it."""
+    return wait_for(lambda: browser.evaluate(_TEXT_JS % json.dumps(label)), 30, f"the '{label}' text input")
+
+
+@pytest.mark.browser
+def test_typing_a_prompt_in_the_page_sets_the_head_stylize_prompt(head_viewer: tuple[Any, str], chromium: str) -> None:
+    model, url = head_viewer
+    before = model.config.prompt
+    assert before and before != NEW_PROMPT
+    with Browser(chromium) as browser:
+        browser.goto(url)
+        wait_for(lambda: "Connected" in browser.evaluate("document.body.innerText"), 10, "the page to connect")
+        prompt = _text_input(browser, "Prompt")
+        assert prompt["type"] == "text" and prompt["value"] == before, "the Prompt field does not show the prompt"
+
+        browser.click(prompt["x"], prompt["y"])
+        wait_for(lambda: _text_input(browser, "Prompt")["focused"], 10, "the Prompt field to take the focus")
+        browser.select_all()
+        browser.insert_text(NEW_PROMPT)  # replaces the selected text
+        browser.press_key("Enter")
+        wait_for(lambda: model.config.prompt == NEW_PROMPT, 10, "the model's prompt to become the typed text")
+        assert _text_input(browser, "Prompt")["value"] == NEW_PROMPT
+    assert model.viewer_prompt.value == NEW_PROMPT
