@@ -55,7 +55,8 @@ def build(config_path: Path, styles: tuple[str, ...], stylized_views: int, cache
         config.pipeline.model.objective = PixelObjectiveConfig()
     pipeline = config.pipeline.setup(device="cpu", test_mode="val")
     state = torch.load(latest_checkpoint(config_path.parent), map_location="cpu")["pipeline"]
-    geometry = {k: v for k, v in state.items() if ".heads." not in k and "style_" not in k and "_extra_state" not in k}
+    per_style = (".heads.", ".residuals.", "style_", "_extra_state")
+    geometry = {k: v for k, v in state.items() if not any(part in k for part in per_style)}
     pipeline.load_state_dict(geometry, strict=False)
     optimizers = Optimizers(config.optimizers, pipeline.get_param_groups())
     pipeline.train()

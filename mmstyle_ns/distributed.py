@@ -37,7 +37,8 @@ def broadcast_module(module: nn.Module, src: int = 0) -> None:
     if world_size() == 1:
         return
     for tensor in [*module.parameters(), *module.buffers()]:
-        dist.broadcast(tensor.data, src=src)
+        if tensor.numel() > 0:  # empty tables (a style without residual grid) hold nothing to send
+            dist.broadcast(tensor.data, src=src)
 
 
 @torch.no_grad()

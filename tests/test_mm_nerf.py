@@ -404,7 +404,8 @@ def test_reordered_styles_render_the_trained_styles(
 def test_checkpoint_saved_before_stylization_holds_no_trained_styles(
     trained: Trained, load_trained: Callable[[tuple[str, ...]], MMNeRFPipeline]
 ) -> None:
-    assert _mm(load_trained(STYLES)).trained_styles == set(NAMES)  # the finished run's heads are trained
+    finished = _mm(load_trained(STYLES))  # the finished run's heads were in training: loaded as such
+    assert finished.resumed_styles == set(NAMES) and finished.trained_styles == set()
     config = _config(trained.scene, trained.root, STYLES, "reconstruction-only")
     pipeline = config.pipeline.setup(device="cpu", test_mode="val")
     assert isinstance(pipeline, MMNeRFPipeline)
@@ -417,6 +418,37 @@ def test_checkpoint_saved_before_stylization_holds_no_trained_styles(
     legacy = {**state, "_model._extra_state": {"style_names": list(NAMES)}}  # runs saved before "trained" existed
     again.load_pipeline(legacy, RECONSTRUCTION_STEPS // 2)
     assert again.mm_model.trained_styles == set(NAMES)
+
+
+def test_a_resumed_incremental_stage_keeps_its_split_and_its_new_head(trained: Trained) -> None:
+    config = _config(trained.scene, trained.root, (*STYLES, ADDED_STYLE), "resume-split")
+    state = torch.load(trained.checkpoint, map_location="cpu")
+    pipeline = config.pipeline.setup(device="cpu", test_mode="val")
+    assert isinstance(pipeline, MMNeRFPipeline)
+    pipeline.load_pipeline(state["pipeline"], state["step"])
+    pipeline.prepare_stylization()
+    model = pipeline.mm_model
+    new = model.style_names.index("rocket")
+    assert model.trainable == [new]
+    with torch.no_grad():  # what some steps of training the new style change
+        for param in model.heads[new].parameters():
+            param.add_(0.01)
+        model.residual_grid(new).table.add_(0.1)
+    saved = pipeline.state_dict()  # a checkpoint of the incremental stage, e.g. before a kill
+    assert saved["_model._extra_state"]["stage"] == {"frozen": sorted(NAMES), "training": ["rocket"]}
+
+    again = config.pipeline.setup(device="cpu", test_mode="val")
+    assert isinstance(again, MMNeRFPipeline)
+    again.load_pipeline(saved, state["step"] + 5)
+    again.prepare_stylization()
+    resumed = again.mm_model
+    # the same split: the old styles and the shared grid stay frozen, the new style trains on from where it was
+    assert resumed.trainable == [new] and not resumed.style_grid.table.requires_grad
+    assert _same_state(_head_state(resumed, new), _head_state(model, new))
+    assert torch.equal(resumed.residual_grid(new).table, model.residual_grid(new).table)
+    for name in NAMES:
+        index = resumed.style_names.index(name)
+        assert not any(p.requires_grad for p in resumed.heads[index].parameters())
 
 
 def test_load_dir_with_an_added_style_sets_up(trained: Trained) -> None:

@@ -16,7 +16,7 @@ training views (Gram matrices of Magenta style-predictor features plus a content
 field instead of averaging the views' misaligned strokes into a tint. The multi-view style-consistent targets
 (the 2D stylizations of the views, Magenta arbitrary style transfer by default, averaged over neighbouring views,
 see :mod:`mmstyle_ns.style.targets`) anchor the colours. The ``pixel`` objective fits the 2D stylizations pixel by pixel
-instead (the earlier behaviour).
+instead (patterns then average into a tint).
 
 Styles added to a trained model own a residual feature grid (see :mod:`mmstyle_ns.fields.style_field`) so that
 they can create texture the frozen shared grid lacks; the trained styles' renders stay bit-identical.
@@ -53,7 +53,8 @@ class PatchObjectiveConfig:
     """Perceptual style loss (style + content) on rendered square patches, plus the consistent-colour anchor."""
 
     patch_size: int = 128
-    """Side of the rendered patches (capped at the image size; at least the feature network's minimum, 32)."""
+    """Side of the rendered patches (capped at the image size; a patch below the feature network's minimum side,
+    32 for Magenta and 16 for VGG, is refused)."""
     loss: PerceptualLossConfig = field(default_factory=PerceptualLossConfig)
     """The perceptual loss: feature network (magenta | vgg), style rule (nnfm | gram), weights."""
 
@@ -96,7 +97,8 @@ class MMNeRFModelConfig(FrozenGeometryModelConfig):
     """Multimodal style feature extractor: embeddings of image, text and audio styles."""
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # a config.yml written before an option existed loads with that option's default (runs stay loadable)
+        # A config.yml written before an option existed loads with that option's default (runs stay loadable): a
+        # style added to such a run trains with today's defaults (patch objective, residual grid).
         self.__dict__.update({**type(self)().__dict__, **state})
 
 
@@ -177,9 +179,13 @@ class MMNeRFModel(FrozenGeometryModel):
         self.register_buffer("style_embeddings", torch.zeros(0, 1))
         self.register_buffer("style_grid_ready", torch.tensor(False))
         self.trained_styles: set[str] = set()
-        """Styles whose heads came from a checkpoint trained (the others are new)."""
+        """Styles whose heads came trained from a checkpoint and stay frozen: a stylization with new styles only
+        trains those (the others are new, or resumed)."""
         self.stylized: set[str] = set()
         """Styles whose heads took a stylization step in this run (saved as trained with :meth:`get_extra_state`)."""
+        self.resumed_styles: set[str] = set()
+        """Styles a checkpoint was in the middle of training, for the same styles as configured now: their heads
+        and residuals are kept, and they train on (a resumed run, see :meth:`initialise_new_heads`)."""
         self.trainable: list[int] = []
         """Indices of the styles trained in the stylization stage."""
         self.style_views: Tensor | None = None
@@ -216,8 +222,16 @@ class MMNeRFModel(FrozenGeometryModel):
         self.style_controls = StyleControls(tuple(names))
 
     def get_extra_state(self) -> dict[str, Any]:
-        # a checkpoint saved during reconstruction holds untrained heads: only stylized ones count as trained
-        return {"style_names": list(self.style_names), "trained": sorted(self.trained_styles | self.stylized)}
+        # A checkpoint saved during reconstruction holds untrained heads: only stylized ones count as trained. The
+        # stage (which styles stay frozen, which train) lets a resumed run go on with the same split.
+        training = [self.style_names[i] for i in self.trainable]
+        frozen = sorted(n for n in self.trained_styles if n not in training)
+        stage = {"frozen": frozen, "training": training} if training else None
+        return {
+            "style_names": list(self.style_names),
+            "trained": sorted(self.trained_styles | self.stylized),
+            "stage": stage,
+        }
 
     def set_extra_state(self, state: Any) -> None:
         pass  # names are consumed in _load_from_state_dict, where heads are matched by name
@@ -232,7 +246,11 @@ class MMNeRFModel(FrozenGeometryModel):
         extra = state_dict.get(prefix + "_extra_state")
         saved_names = list(extra["style_names"]) if isinstance(extra, dict) else []
         trained = extra.get("trained", saved_names) if isinstance(extra, dict) else []  # older runs: all of them
+        stage = extra.get("stage") if isinstance(extra, dict) else None
         self.trained_styles = {name for name in trained if name in self.style_names}
+        self.resumed_styles = set()
+        if stage and set(stage["frozen"]) | set(stage["training"]) == set(self.style_names):  # same styles: resume
+            self.trained_styles, self.resumed_styles = set(stage["frozen"]), set(stage["training"])
         for part in ("heads.", "residuals."):  # per-style modules, by name
             part_prefix = prefix + part
             saved = {k: state_dict.pop(k) for k in list(state_dict) if k.startswith(part_prefix)}
@@ -260,14 +278,20 @@ class MMNeRFModel(FrozenGeometryModel):
 
     @torch.no_grad()
     def initialise_new_heads(self) -> list[int]:
-        """Copies, into every style without trained head, the head of the most similar trained style.
+        """Copies, into every new style (neither trained nor resumed), the head of the most similar trained style.
 
-        Returns the indices of the new styles (all styles when none is trained yet).
+        Returns the indices of the new styles (all styles that are not resumed when none is trained yet).
         """
         trained = [i for i, n in enumerate(self.style_names) if n in self.trained_styles]
-        new = [i for i in range(len(self.style_names)) if i not in trained]
+        new = [
+            i for i, n in enumerate(self.style_names) if n not in self.trained_styles and n not in self.resumed_styles
+        ]
         if not trained:
             return new
+        for index in new:
+            nearest = trained[most_similar(self.style_embeddings[index], self.style_embeddings[trained])]
+            self.heads[index].load_state_dict(self.heads[nearest].state_dict())
+        return new
         for index in new:
             nearest = trained[most_similar(self.style_embeddings[index], self.style_embeddings[trained])]
             self.heads[index].load_state_dict(self.heads[nearest].state_dict())
@@ -311,8 +335,8 @@ class MMNeRFModel(FrozenGeometryModel):
     ) -> Float[Tensor, "S F"]:
         """``inputs`` with style ``style``'s residual features (times ``scale``) added to the shared ones; the
         same tensor when the style has no residual (its render is then exactly the shared-grid one)."""
-        grid = self.residual_grid(style) if style < len(self.residuals) else None
-        if grid is None or not grid.active:
+        grid = self.residual_grid(style)
+        if not grid.active:
             return inputs
         residual = grid(positions) * scale
         return inputs + F.pad(residual, (0, inputs.shape[-1] - residual.shape[-1]))
@@ -404,11 +428,23 @@ class MMNeRFModel(FrozenGeometryModel):
         target = data.targets[view, rows, cols].float() / 255.0
         losses = {"style_loss": F.mse_loss(rgb, target)}
         if self.config.consistency_weight > 0:
-            consensus = data.consensus[view, rows, cols].float() / 255.0
-            valid = data.valid[view, rows, cols].float()[:, None]
-            error = ((rgb - consensus) ** 2 * valid).sum() / (3 * valid.sum()).clamp_min(1.0)
-            losses["consistency_loss"] = self.config.consistency_weight * error
+            losses["consistency_loss"] = self.consistency_loss(rgb, data, view, rows, cols)
         return losses
+
+    def consistency_loss(
+        self,
+        rgb: Float[Tensor, "B 3"],
+        data: StyleTargets,
+        view: Int[Tensor, " B"],
+        rows: Int[Tensor, " B"],
+        cols: Int[Tensor, " B"],
+    ) -> Float[Tensor, ""]:
+        """The weighted multi-view style-consistent term: squared distance of rendered pixels to their consistent
+        targets, over the pixels that have one."""
+        consensus = data.consensus[view, rows, cols].float() / 255.0
+        valid = data.valid[view, rows, cols].float()[:, None]
+        error = ((rgb - consensus) ** 2 * valid).sum() / (3 * valid.sum()).clamp_min(1.0)
+        return self.config.consistency_weight * error
 
     def patch_loss(
         self, view: int, top: int, left: int, size: int, style: int, criterion: PerceptualStyleLoss
@@ -434,11 +470,9 @@ class MMNeRFModel(FrozenGeometryModel):
         mask = cache.accumulation[pixels].view(1, 1, size, size)
         losses = criterion(render, content.permute(2, 0, 1)[None], data.reference, mask)
         if self.config.consistency_weight > 0:
-            flat_view = torch.full_like(grid_rows, view)
-            consensus = data.consensus[flat_view, grid_rows, grid_cols].float() / 255.0
-            valid = data.valid[flat_view, grid_rows, grid_cols].float()[:, None]
-            error = ((rgb - consensus) ** 2 * valid).sum() / (3 * valid.sum()).clamp_min(1.0)
-            losses["consistency_loss"] = self.config.consistency_weight * error
+            losses["consistency_loss"] = self.consistency_loss(
+                rgb, data, torch.full_like(grid_rows, view), grid_rows, grid_cols
+            )
         return losses
 
     # ---- rendering ---------------------------------------------------------------------------------------
@@ -484,7 +518,7 @@ class MMNeRFModel(FrozenGeometryModel):
         weights: Tensor,
         ray_indices: Tensor,
         num_rays: int,
-        positions: Float[Tensor, "S 3"] | None = None,
+        positions: Float[Tensor, "S 3"],
     ) -> Float[Tensor, "R 3"]:
         """The render chosen in the viewer: one style, or two blended (parameters blended when both are styles)."""
         controls = self.style_controls
@@ -498,8 +532,7 @@ class MMNeRFModel(FrozenGeometryModel):
             return ((1.0 - t) * outputs[first] + t * outputs[second]).reshape(-1, 3)
         a, b = self.style_names.index(first), self.style_names.index(second)
         params = self.blend_parameters(a, b, t)
-        if positions is not None:
-            inputs = self.blend_inputs(inputs, positions, a, b, t)
+        inputs = self.blend_inputs(inputs, positions, a, b, t)
         return self._composite_white(self.color_spec.apply(params, inputs), weights, ray_indices, num_rays)
 
     def get_image_metrics_and_images(

@@ -37,6 +37,12 @@ from mmstyle_ns.style.sources import StyleInputError, parse_style_specs
 from mmstyle_ns.style.stylizer import Stylizer
 from mmstyle_ns.style.targets import composite_white, consistent_targets, stylized_views
 
+PATCH_TRIES = 8
+"""Random patch positions (in the step's view) drawn at most, looking for one that covers the object well enough."""
+
+MIN_PATCH_COVERAGE = 0.25
+"""Mean rendered opacity a patch needs to be taken at once (else the best of :data:`PATCH_TRIES` is)."""
+
 
 def spread(items: list[int], count: int) -> list[int]:
     """``count`` items evenly spread over ``items``, ends included (all of them when ``count`` is 0 or too many)."""
@@ -210,8 +216,10 @@ class MMNeRFPipeline(MMStylePipeline):
         if model.prepare_style_grid() and optimizers is not None:
             replace_parameters(optimizers, {old_table: model.style_grid.table})
         new = model.initialise_new_heads()
-        incremental = bool(model.trained_styles) and bool(new)
-        model.trainable = new if incremental else list(range(len(model.style_names)))
+        resumed = [i for i, name in enumerate(model.style_names) if name in model.resumed_styles]
+        training = sorted({*new, *resumed})  # a resumed run trains on what its checkpoint was training
+        incremental = bool(model.trained_styles) and bool(training)
+        model.trainable = training if incremental else list(range(len(model.style_names)))
         if incremental:
             model.style_grid.table.requires_grad_(False)
             replaced = model.prepare_residuals(new)  # new styles may grow texture the frozen grid lacks
@@ -220,7 +228,7 @@ class MMNeRFPipeline(MMStylePipeline):
             for index, head in enumerate(model.heads):
                 head.requires_grad_(index in model.trainable)
                 model.residuals[index].requires_grad_(index in model.trainable)
-            CONSOLE.print(f"Adding styles {[model.style_names[i] for i in new]} to a trained model (incremental)")
+            CONSOLE.print(f"Adding styles {[model.style_names[i] for i in training]} to a trained model (incremental)")
 
         dataset = self.datamanager.train_dataset
         assert dataset is not None
@@ -239,8 +247,10 @@ class MMNeRFPipeline(MMStylePipeline):
         model.style_views = torch.arange(len(views), device=self.device)
         model.cached_cameras = sel
         images = [dataset.get_image_float32(i).numpy() for i in views]
-        content = np.stack([composite_white(image) for image in images])
-        model.content_views = torch.from_numpy(np.round(np.clip(content, 0, 1) * 255).astype(np.uint8)).to(self.device)
+        if self.objective is not None:  # the content term's images
+            content = np.stack([composite_white(image) for image in images])
+            content = np.round(np.clip(content, 0, 1) * 255).astype(np.uint8)
+            model.content_views = torch.from_numpy(content).to(self.device)
 
         # geometry of the chosen views for the multi-view consistent targets
         origins, directions = [], []
@@ -324,9 +334,19 @@ class MMNeRFPipeline(MMStylePipeline):
         assert model.sample_cache is not None and model.style_views is not None
         _, height, width = model.sample_cache.image_shape
         size = self.patch_size()
-        view = int(torch.randint(0, len(model.style_views), ()))
-        top = int(torch.randint(0, height - size + 1, ()))
-        left = int(torch.randint(0, width - size + 1, ()))
+        coverage = model.sample_cache.accumulation.view(-1, height, width)
+        view = int(torch.randint(0, len(model.style_views), ()))  # every view as often
+        opacity = coverage[model.style_views[view]]
+        best: tuple[float, int, int] = (-1.0, 0, 0)
+        for _ in range(PATCH_TRIES):  # a patch mostly on the object (an empty one teaches the style nothing)
+            top = int(torch.randint(0, height - size + 1, ()))
+            left = int(torch.randint(0, width - size + 1, ()))
+            covered = float(opacity[top : top + size, left : left + size].mean())
+            if covered > best[0]:
+                best = (covered, top, left)
+            if covered >= MIN_PATCH_COVERAGE:
+                break
+        _, top, left = best
         return view, top, left, size, model.trainable[step % len(model.trainable)]
 
     def get_train_loss_dict(self, step: int):  # noqa: ANN201 - nerfstudio's signature

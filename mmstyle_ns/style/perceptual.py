@@ -16,7 +16,8 @@ Style rules (:data:`StyleRuleConfig`):
   with VGG features; on Magenta's features the cosine ignores activation strength, and renders collapse towards
   the style's weakest (dark border) features — a black scene on the stained-glass style. Hence Gram by default.
 
-Content term: ``L_c = ||F_c(render) - F_c(content)||^2 / mean(F_c(content)^2)`` on deeper layers, with the
+Content term: ``L_c = mean(||F_c(render) - F_c(content)||^2) / mean(F_c(content)^2)`` (means over the masked
+positions and channels) on deeper layers, with the
 content the unstylized training view (normalised by the content features' energy so the weight is scale free).
 
 Feature networks (:data:`FeatureNetworkConfig`): the torch copy of Magenta's style predictor (offline, the
@@ -79,7 +80,9 @@ class MagentaFeatureNetwork(nn.Module):
     @property
     def min_side(self) -> int:
         """Smallest image side the network takes."""
-        return 32
+        from mmstyle_ns.style.magenta_torch import MIN_SIDE
+
+        return MIN_SIDE
 
     def forward(self, images: Float[Tensor, "B 3 H W"]) -> Features:
         return self.network(images, vector=False).features
@@ -136,7 +139,7 @@ class VGGFeatureNetwork(nn.Module):
         if config.vgg_weights is None or not Path(config.vgg_weights).expanduser().is_file():
             raise StyleInputError(
                 "VGG features need the normalised VGG-19 weights (vgg_normalised.pth): set "
-                "--pipeline.model.objective.features.vgg-weights or --pipeline.adain.vgg-weights, or use the "
+                "--pipeline.model.objective.loss.features.vgg-weights or --pipeline.adain.vgg-weights, or use the "
                 "Magenta features (offline, the default)"
             )
         self.config = config
@@ -221,6 +224,8 @@ def gram_loss(
     """``||G(F) - G(S)||_F^2 / C^2``."""
     if style_gram.shape != (features.shape[1], features.shape[1]):
         raise ValueError(f"style Gram {tuple(style_gram.shape)} does not fit {features.shape[1]} channels")
+    if mask is not None and not bool((mask > 0.5).any()):
+        return features.sum() * 0.0  # nothing to match (as NNFM): no constant loss without a gradient
     return (gram_matrix(features, mask) - style_gram).square().sum() / features.shape[1] ** 2
 
 
