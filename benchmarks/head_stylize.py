@@ -2,7 +2,7 @@
 
 From one trained ``mmstyle-base`` head (``--base-config``), the same stylization (prompt, steps, teacher) is run as
 
-* ``ld``: rank-weighted likelihood distillation over 2 x 2 mirrored view grids (the default recipe);
+* ``ld``: rank-weighted likelihood distillation over 2 x 2 mirrored view grids (the method's recipe);
 * ``sds``: score distillation sampling instead of LD;
 * ``no-rank``: LD without the SVD rank weighting;
 * ``no-mirror``: 2 x 2 view grids without mirror cameras;
@@ -26,14 +26,27 @@ from pathlib import Path
 
 import tyro
 
-ABLATIONS: dict[str, list[str]] = {
-    "ld": [],
-    "sds": ["pipeline.model.rule:sds"],
-    "no-rank": ["pipeline.model.rule:ld", "--pipeline.model.rule.rank-weights", "None"],
+SAMPLING: dict[str, list[str]] = {
     "no-mirror": ["pipeline.datamanager.sampling:view-set", "--pipeline.datamanager.sampling.grid-k", "2"],
     "no-grid": ["pipeline.datamanager.sampling:mirrored-view-set", "--pipeline.datamanager.sampling.grid-k", "1"],
 }
-"""Extra ns-train arguments of each row (subcommands last, as tyro reads them)."""
+"""The rows whose view sampling differs from the method's default (2 x 2 mirrored grids)."""
+
+ROWS = ("ld", "sds", "no-rank", "no-mirror", "no-grid")
+"""The ablation rows."""
+
+
+def row_arguments(row: str, min_step_ratio: float) -> list[str]:
+    """Extra ns-train arguments of one row (subcommands last, the data manager's before the model's, as tyro reads
+    them); every row samples timesteps from ``min_step_ratio`` up."""
+    if row not in ROWS:
+        raise ValueError(f"unknown row {row!r}; rows: {', '.join(ROWS)}")
+    rule = "sds" if row == "sds" else "ld"
+    arguments = [*SAMPLING.get(row, []), f"pipeline.model.rule:{rule}"]
+    arguments += ["--pipeline.model.rule.min-step-ratio", str(min_step_ratio)]
+    if row == "no-rank":
+        arguments += ["--pipeline.model.rule.rank-weights", "None"]
+    return arguments
 
 
 @dataclass
@@ -44,9 +57,15 @@ class Args:
     """What the head should look like."""
     steps: int = 100
     """Stylization steps of every row."""
+    lr: float = 0.02
+    """Learning rate of the colours (the method's default is 0.005; the toy teacher needs a stronger push to change
+    a head within a benchmark's steps)."""
+    min_step_ratio: float = 0.5
+    """Smallest diffusion timestep of every row, as a fraction of the schedule (the toy teacher changes colours
+    only at high noise levels; lower timesteps add grain)."""
     guidance_model: Path = Path("examples/toy-teacher")
     """The diffusion model."""
-    rows: tuple[str, ...] = tuple(ABLATIONS)
+    rows: tuple[str, ...] = ROWS
     """Which rows to run (of ld, sds, no-rank, no-mirror, no-grid)."""
     output_dir: Path = Path("outputs/head_stylize_benchmark")
     """Where the runs, metrics.json and contact_sheet.png go."""
@@ -70,7 +89,8 @@ def main(args: Args) -> None:
             "--timestamp", row, "--vis", "tensorboard", "--max-num-iterations", str(args.steps),
             "--load-dir", str(args.base_config.parent / "nerfstudio_models"),
             "--pipeline.guidance.model-path", str(args.guidance_model), "--pipeline.model.prompt", args.prompt,
-            *ABLATIONS[row],
+            "--optimizers.grid.optimizer.lr", str(args.lr), "--optimizers.grid.scheduler.max-steps", str(args.steps),
+            *row_arguments(row, args.min_step_ratio),
         ]  # fmt: skip
         log = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         found = re.findall(r"Trainer.train_iteration: ([0-9.]+)", log)
@@ -84,7 +104,10 @@ def main(args: Args) -> None:
         check=True,
     )  # fmt: skip
     report = json.loads((evaluation / "metrics.json").read_text())
-    print(f"\n{args.steps} steps, prompt {args.prompt!r}, teacher {args.guidance_model}")
+    print(
+        f"\n{args.steps} steps, colour lr {args.lr}, timesteps from {args.min_step_ratio} of the schedule, "
+        f"prompt {args.prompt!r}, teacher {args.guidance_model}"
+    )
     print(
         "| row | identity distance | frontal views < 0.6 | CLIP to the prompt (unstylized) | left/right PSNR | s/step |"
     )

@@ -109,9 +109,11 @@ class DemoArgs:
     head_extra: tuple[str, ...] = (
         "--optimizers.grid.optimizer.lr", "0.02",
         "pipeline.datamanager.sampling:mirrored-view-set", "--pipeline.datamanager.sampling.grid-k", "1",
+        "pipeline.model.rule:ld", "--pipeline.model.rule.min-step-ratio", "0.5",
     )  # fmt: skip
     """head-stylize: further ns-train arguments (by default what works best with the toy teacher: a higher colour
-    learning rate and one view with its mirror per step; the method's defaults, 2 x 2 grids, follow the paper)."""
+    learning rate, one view with its mirror per step, and timesteps from half the schedule up, where the toy teacher
+    changes colours rather than adding grain; the method's defaults, 2 x 2 grids, follow the paper)."""
 
 
 def ed_nerf_demo(args: DemoArgs) -> list[Path]:
