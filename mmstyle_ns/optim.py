@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from nerfstudio.engine.optimizers import AdamOptimizerConfig
 
 
@@ -14,3 +15,12 @@ class FusedAdamOptimizerConfig(AdamOptimizerConfig):
 
     fused: bool = True
     """Use the fused implementation."""
+
+
+@dataclass
+class AdamWOptimizerConfig(AdamOptimizerConfig):
+    """AdamW: Adam with decoupled weight decay (Loshchilov and Hutter)."""
+
+    _target: type = torch.optim.AdamW
+    weight_decay: float = 1e-2
+    """Decoupled weight decay."""

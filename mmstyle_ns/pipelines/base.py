@@ -77,9 +77,15 @@ def check_data_folder(datamanager: Any) -> None:
     """Checks, without loading it, that the dataset of a datamanager configuration is there and readable: the
     folder (``--data``, or the dataparser's own ``data``) and, for nerfstudio's dataparser, its ``transforms.json``.
 
+    A datamanager configuration with a ``check_data()`` method (a folder of many scenes) checks its own data.
+
     Raises:
         DataFolderError: the folder or its ``transforms.json`` is missing or unreadable.
     """
+    own_check = getattr(datamanager, "check_data", None)
+    if callable(own_check):
+        own_check()
+        return
     from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
 
     given = getattr(datamanager, "data", None)
