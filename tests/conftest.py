@@ -46,6 +46,16 @@ def tiny_scene(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
+def tiny_collection(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small collection of toy scenes (4 scenes of 8 views at 32x32), the data of multi-view methods."""
+    from mmstyle_ns.data.collection import generate_collection
+
+    return generate_collection(
+        tmp_path_factory.mktemp("collection") / "toy", num_scenes=4, num_views=8, resolution=32, supersample=1
+    )
+
+
+@pytest.fixture(scope="session")
 def tiny_guidance_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random diffusion model in the Stable Diffusion layout, with SD's 8x VAE downsampling."""
     from mmstyle_ns.guidance.tiny import build_tiny_stable_diffusion
@@ -81,6 +91,10 @@ def short_run_config(
     if hasattr(model, "reconstruction_steps"):  # reach the stylization stage too
         model.reconstruction_steps = iterations * 5 // 8
         pipeline.cache_dir = output / "style_cache"
+    if hasattr(pipeline.datamanager, "views_per_step"):  # a multi-view method: a few views of each scene
+        pipeline.datamanager.views_per_step = pipeline.datamanager.novel_views_per_step = 2
+        pipeline.datamanager.eval_every_scene = 4
+        pipeline.cache_dir = output / "latent_cache"
     if hasattr(pipeline, "guidance"):
         if guidance_model is None:
             raise ValueError(f"{method} is guided: pass guidance_model (the tiny_guidance_model fixture)")

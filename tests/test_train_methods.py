@@ -20,17 +20,22 @@ OUR_METHODS = sorted(
 )
 
 
+MULTI_SCENE_METHODS = {"tunemv3d"}
+"""Methods trained on a collection of scenes rather than one scene."""
+
+
 def test_methods_are_registered() -> None:
     assert {"mmstyle-base", "mm-nerf", "ed-nerf"} <= set(OUR_METHODS)
 
 
 @pytest.mark.parametrize("method", OUR_METHODS)
 def test_method_trains_saves_and_reloads(
-    method: str, tiny_scene: Path, tmp_path: Path, tiny_guidance_model: Path
+    method: str, tiny_scene: Path, tmp_path: Path, tiny_guidance_model: Path, request: pytest.FixtureRequest
 ) -> None:
     from nerfstudio.utils.eval_utils import eval_setup
 
-    config = short_run_config(method, tiny_scene, tmp_path, guidance_model=tiny_guidance_model)
+    data = request.getfixturevalue("tiny_collection") if method in MULTI_SCENE_METHODS else tiny_scene
+    config = short_run_config(method, data, tmp_path, guidance_model=tiny_guidance_model)
     config.save_config()
     trainer = config.setup(local_rank=0, world_size=1)
     trainer.setup()

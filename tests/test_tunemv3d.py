@@ -213,3 +213,81 @@ def test_field_learns_to_render_held_out_views_of_a_scene(backbone: Any, tmp_pat
         optimizer.step()
     after = novel_error()
     assert after < 0.6 * before, (before, after)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_collection: Path, tiny_guidance_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """config.yml of a short tunemv3d run on the tiny collection, through nerfstudio's trainer."""
+    from conftest import short_run_config
+
+    config = short_run_config(
+        "tunemv3d", tiny_collection, tmp_path_factory.mktemp("tmv"), iterations=20, guidance_model=tiny_guidance_model
+    )
+    config.save_config()
+    trainer = config.setup(local_rank=0, world_size=1)
+    trainer.setup()
+    trainer.train()
+    return config.get_base_dir() / "config.yml"
+
+
+def test_generation_writes_a_run_that_renders_the_generated_field(trained_run: Path) -> None:
+    from nerfstudio.utils.eval_utils import eval_setup
+
+    from mmstyle_ns.scripts.tunemv3d import GenerateArgs, generate
+
+    target = generate(GenerateArgs(trained_run, "a purple sphere on grass", steps=2, seed=3))
+    assert target.parent == trained_run.parent.parent and (target / "grid.png").is_file()
+    _, pipeline, _, _ = eval_setup(target / "config.yml", test_mode="inference")
+    _, trained, _, _ = eval_setup(trained_run, test_mode="inference")
+    camera = pipeline.datamanager.eval_dataset.cameras[0:1].to(pipeline.device)
+    with torch.no_grad():
+        shown = pipeline.model.get_outputs_for_camera(camera)["rgb"]
+        before = trained.model.get_outputs_for_camera(camera)["rgb"]
+    assert shown.shape == before.shape and (shown - before).abs().mean() > 1e-4  # the generated field, not the run's
+    assert int(pipeline.model.views_t) < 1000 and pipeline.model.views is not None
+    with pytest.raises(ValueError, match="exists already"):
+        generate(GenerateArgs(trained_run, "a purple sphere on grass", steps=2, seed=3))
+
+
+def test_evaluation_reports_both_samplers(trained_run: Path, tmp_path: Path) -> None:
+    import json
+
+    from mmstyle_ns.scripts.tunemv3d import EvaluateArgs, evaluate
+
+    args = EvaluateArgs(
+        trained_run,
+        prompts=("a green cylinder on grass",),
+        seeds=(0,),
+        steps=2,
+        pool_size=10,
+        clip_checkpoint=None,
+        output_dir=tmp_path / "eval",
+    )
+    report = evaluate(args)
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    for name in ("tunemv3d", "independent"):
+        assert 0.0 <= saved[name]["colour_precision"] <= 1.0 and saved[name]["seconds_per_sample"] > 0
+        assert len(saved[name]["per_object"]) == 1
+    assert report["pool_size"] == 10 and (tmp_path / "eval" / "steps.png").is_file()
+    assert (tmp_path / "eval" / "sheet.png").is_file()
+
+
+def test_bad_inputs_stop_before_anything_is_written(
+    tiny_collection: Path, tiny_guidance_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from conftest import short_run_config
+
+    def message(config: Any) -> str:
+        with pytest.raises(SystemExit) as stop:
+            config.save_config()
+        assert stop.value.code == 2 and not (tmp_path / "runs").exists()
+        return " ".join(capsys.readouterr().out.split())
+
+    config = short_run_config("tunemv3d", tiny_collection, tmp_path, guidance_model=tiny_guidance_model)
+    config.pipeline.model.prompt = "  "
+    assert "--pipeline.model.prompt is empty" in message(config)
+    config = short_run_config("tunemv3d", tiny_collection, tmp_path, guidance_model=tiny_guidance_model)
+    config.pipeline.guidance.model_path = None
+    assert "--pipeline.guidance.model-path" in message(config)
+    config = short_run_config("tunemv3d", tmp_path, tmp_path, guidance_model=tiny_guidance_model)
+    assert "collection.json not found" in message(config)

@@ -4,6 +4,7 @@ Examples::
 
     mmstyle-scene --kind object360 --out data/object360 --num-views 100 --resolution 128 --seed 0
     mmstyle-scene --kind toy --caption "a red cube on a wooden floor" --out data/toy
+    mmstyle-scene --kind toy-collection --num-scenes 200 --out data/toy-collection
 """
 
 from __future__ import annotations
@@ -27,13 +28,17 @@ class SceneCommand:
     the bounding box of the content). The same arguments always produce byte-identical files.
     """
 
-    kind: Literal["object360", "forward", "head", "toy"] = "object360"
+    kind: Literal["object360", "forward", "head", "toy", "toy-collection"] = "object360"
     """Scene: objects on a disc, 360 deg views (object360); wall and objects, camera grid (forward); head;
-    the toy teacher world's objects that --caption describes on a disc, 360 deg views (toy)."""
+    the toy teacher world's objects that --caption describes on a disc, 360 deg views (toy); or a folder of
+    --num-scenes toy scenes with captions drawn from the toy grammar, the training data of tunemv3d
+    (toy-collection: scene_00000/ ... and collection.json)."""
     out: Path | None = None
     """Output folder; defaults to data/<kind>. An existing dataset there is replaced."""
-    num_views: int = 100
-    """Number of rendered views."""
+    num_views: int | None = None
+    """Number of rendered views (per scene); default 100, and 16 for toy-collection."""
+    num_scenes: int = 200
+    """Scenes of a toy-collection (only used there)."""
     resolution: int = 128
     """Width and height of the square images in pixels (at least 8)."""
     seed: int = 0
@@ -70,14 +75,33 @@ def main(config: SceneCommand) -> Path:
         raise ValueError('--kind toy needs --caption, e.g. --caption "a red cube on a wooden floor"')
     if config.kind != "toy" and config.caption is not None:
         raise ValueError(f"--caption only applies to --kind toy, not to --kind {config.kind}")
-    from mmstyle_ns.data.scene import generate_scene, split_indices
-
     out = config.out if config.out is not None else Path("data") / config.kind
     start = time.perf_counter()
+    if config.kind == "toy-collection":
+        from mmstyle_ns.data.collection import generate_collection
+
+        views = 16 if config.num_views is None else config.num_views
+        generate_collection(
+            out,
+            config.num_scenes,
+            num_views=views,
+            resolution=config.resolution,
+            seed=config.seed,
+            supersample=config.supersample,
+            log=lambda msg: print(f"  {msg}", flush=True),
+        )
+        print(
+            f"Wrote a collection of {config.num_scenes} toy scenes, {views} views each at {config.resolution}x"
+            f"{config.resolution}, in {time.perf_counter() - start:.1f} s to {out}"
+        )
+        return out
+    from mmstyle_ns.data.scene import generate_scene, split_indices
+
+    num_views = 100 if config.num_views is None else config.num_views
     generate_scene(
         kind=config.kind,
         out_dir=out,
-        num_views=config.num_views,
+        num_views=num_views,
         resolution=config.resolution,
         seed=config.seed,
         eval_every=config.eval_every,
@@ -89,10 +113,10 @@ def main(config: SceneCommand) -> Path:
         log=lambda msg: print(f"  {msg}", flush=True),
     )
     elapsed = time.perf_counter() - start
-    train, held_out = split_indices(config.num_views, config.eval_every)
+    train, held_out = split_indices(num_views, config.eval_every)
     shows = f" of {config.caption.strip()!r}" if config.caption is not None else ""
     print(
-        f"Wrote {config.kind} scene{shows}: {config.num_views} views at {config.resolution}x{config.resolution} "
+        f"Wrote {config.kind} scene{shows}: {num_views} views at {config.resolution}x{config.resolution} "
         f"({len(train)} train, {len(held_out)} val/test) in {elapsed:.1f} s to {out}"
     )
     return out
