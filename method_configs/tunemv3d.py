@@ -13,7 +13,7 @@ from mmstyle_ns.models.tunemv3d import TuneMV3DModelConfig
 from mmstyle_ns.optim import AdamWOptimizerConfig
 from mmstyle_ns.pipelines.tunemv3d import TuneMV3DPipelineConfig
 
-TRAINING_STEPS = 2000
+TRAINING_STEPS = 3000
 
 
 def tunemv3d_trainer_config(steps: int = TRAINING_STEPS) -> TrainerConfig:

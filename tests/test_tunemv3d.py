@@ -65,8 +65,9 @@ def _model(backbone: Any, **overrides: Any) -> Any:
     )
 
 
-def test_zero_initialised_modulation_is_the_frozen_model(backbone: Any) -> None:
-    model = _model(backbone)
+@pytest.mark.parametrize(("field_output", "raw_noise"), [("x0", True), ("x0", False), ("features", True)])
+def test_zero_initialised_modulation_is_the_frozen_model(backbone: Any, field_output: str, raw_noise: bool) -> None:
+    model = _model(backbone, field_output=field_output, raw_noise=raw_noise)
     assert model.modulator.zero_outputs()
     cameras = _orbit_cameras(3)
     noisy = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -83,33 +84,49 @@ def test_zero_initialised_modulation_is_the_frozen_model(backbone: Any) -> None:
     ours = model.generate(cameras, "a red cube on grass", steps=2, generator=seeds[0])
     independent = model.generate(cameras, "a red cube on grass", steps=2, generator=seeds[1], modulate=False)
     torch.testing.assert_close(ours["latents"], independent["latents"], rtol=0, atol=0)
-    assert ours["images"].shape == (3, 3, 64, 64) and ours["x0"].shape == (3, 4, 8, 8)
+    width = 4 if field_output == "x0" else int(backbone.unet.config.block_out_channels[0])
+    assert ours["images"].shape == (3, 3, 64, 64) and ours["x0"].shape == (3, width, 8, 8)
+    assert model.field_pictures(ours["x0"]).shape == (3, 3, 64, 64)
 
 
-def test_gradients_reach_only_the_trainable_parts(backbone: Any) -> None:
-    model = _model(backbone)
+@pytest.mark.parametrize("field_output", ["x0", "features"])
+def test_gradients_reach_only_the_trainable_parts(backbone: Any, field_output: str) -> None:
+    model = _model(backbone, field_output=field_output)
     cameras = _orbit_cameras(6)
     latents = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(2))
-    losses = model.training_losses(
-        latents[:3],
-        cameras[torch.arange(3)],
-        latents[3:],
-        cameras[torch.arange(3, 6)],
-        "a blue sphere on grass",
-        torch.Generator().manual_seed(3),
-    )
-    torch.stack(list(losses.values())).sum().backward()
+
+    def backward() -> None:
+        model.zero_grad(set_to_none=True)
+        losses = model.training_losses(
+            latents[:3],
+            cameras[torch.arange(3)],
+            latents[3:],
+            cameras[torch.arange(3, 6)],
+            "a blue sphere on grass",
+            torch.Generator().manual_seed(3),
+        )
+        torch.stack(list(losses.values())).sum().backward()
+
+    def grad_sum(part: torch.nn.Module) -> float:
+        return sum(float(p.grad.abs().sum()) for p in part.parameters() if p.grad is not None)
+
+    backward()
     for module in backbone.frozen_modules():
         assert all(p.grad is None and not p.requires_grad for p in module.parameters())
     zero_convs = [*model.modulator.encoder.controlnet_down_blocks, model.modulator.encoder.controlnet_mid_block]
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for conv in zero_convs for p in conv.parameters())
-    for part in (model.encoder, model.field):
-        grads = [p.grad for p in part.parameters()]
-        assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
-    # one optimizer step makes the modulation non-zero: the model now departs from the frozen one
-    optimizer = torch.optim.SGD(model.modulator.parameters(), lr=1.0)
-    optimizer.step()
+    if field_output == "x0":  # the field loss trains the encoder and the field from the first step
+        assert grad_sum(model.encoder) > 0 and grad_sum(model.field) > 0
+    else:  # only the zero convolutions learn at first (their zero weights block everything before them)
+        assert grad_sum(model.encoder) == 0 and grad_sum(model.field) == 0
+    # one optimizer step makes the modulation non-zero: the model departs from the frozen one, and the denoising
+    # loss now reaches the field and the encoder through the copied UNet encoder
+    torch.optim.SGD(model.modulator.parameters(), lr=1.0).step()
     assert not model.modulator.zero_outputs()
+    backward()
+    assert grad_sum(model.encoder) > 0 and grad_sum(model.field) > 0 and grad_sum(model.modulator) > 0
+    for module in backbone.frozen_modules():
+        assert all(p.grad is None for p in module.parameters())
 
 
 def test_aggregation_does_not_depend_on_the_order_of_views(backbone: Any) -> None:

@@ -66,9 +66,11 @@ class MultiViewModulator(nn.Module):
         unet: the frozen ``diffusers.UNet2DConditionModel`` to copy (its weights are copied, never shared).
         raw_noise: feed the raw noisy latent through :class:`RawNoiseEncoder` (False: the ablation without it).
         raw_hidden: width of the raw-noise encoder.
+        takes_features: the main input is already a first-level feature map (``block_out_channels[0]`` channels,
+            e.g. rendered by a field that predicts features directly): the copied ``conv_in`` is dropped.
     """
 
-    def __init__(self, unet: Any, raw_noise: bool = True, raw_hidden: int = 32) -> None:
+    def __init__(self, unet: Any, raw_noise: bool = True, raw_hidden: int = 32, takes_features: bool = False) -> None:
         super().__init__()
         from diffusers import ControlNetModel
 
@@ -79,6 +81,8 @@ class MultiViewModulator(nn.Module):
             encoder.add_embedding = copy.deepcopy(unet.add_embedding)
         first = int(unet.config.block_out_channels[0])
         encoder.controlnet_cond_embedding = RawNoiseEncoder(channels, raw_hidden, first) if raw_noise else NoRawInput()
+        if takes_features:
+            encoder.conv_in = nn.Identity()
         self.encoder = encoder.to(dtype=torch.float32).requires_grad_(True).train()
         self.raw_noise = raw_noise
 
@@ -92,7 +96,8 @@ class MultiViewModulator(nn.Module):
         """Residuals for every skip connection of the UNet (in order) and for its mid block.
 
         Args:
-            x0: rendered ``x_0`` predictions (the copied encoder's main input).
+            x0: rendered ``x_0`` predictions (the copied encoder's main input), or first-level features when the
+                modulator ``takes_features``.
             noisy: the noisy latents ``x_t`` of the same views.
             t: timesteps.
             text_emb: prompt embeddings of the frozen text encoder.

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,10 @@ class TuneMV3DModelConfig(ModelConfig):
     ablation)."""
     raw_hidden: int = 32
     """Width of the raw-noise encoder."""
+    field_output: Literal["x0", "features"] = "x0"
+    """What the field renders: 'x0', a low-dimensional x_0 latent that the copied encoder maps to features (the
+    supplement's method, supervised by the field L1 loss); 'features', the copied encoder's first-level features
+    directly (the supplement's ablation; there is no x_0 to supervise, so no field loss)."""
     denoise_weight: float = 1.0
     """lambda_1: weight of the per-view denoising loss."""
     field_weight: float = 1.0
@@ -96,11 +100,15 @@ class TuneMV3DModel(Model):
         text_dim = int(backbone.unet.config.cross_attention_dim)
         config = self.config
         self.encoder = ViewFeatureEncoder(channels, config.feature_dim, config.encoder_width, text_dim)
-        self.field = AggregationField(config.feature_dim, channels, config.field)
-        self.modulator = MultiViewModulator(backbone.unet, raw_noise=config.raw_noise, raw_hidden=config.raw_hidden)
+        features = config.field_output == "features"
+        width = int(backbone.unet.config.block_out_channels[0]) if features else channels
+        self.field = AggregationField(config.feature_dim, width, config.field)
+        self.modulator = MultiViewModulator(
+            backbone.unet, raw_noise=config.raw_noise, raw_hidden=config.raw_hidden, takes_features=features
+        )
         with torch.no_grad():
             white = torch.ones(1, 3, 8 * backbone.vae_scale_factor, 8 * backbone.vae_scale_factor)
-            background = backbone.encode_images(white).mean(dim=(0, 2, 3))
+            background = torch.zeros(width) if features else backbone.encode_images(white).mean(dim=(0, 2, 3))
         self.register_buffer("background_latent", background, persistent=False)
         # the shown state (saved with checkpoints, so ns-render of a run or of a generation renders it)
         self.register_buffer("shown_features", torch.zeros(0, config.feature_dim, 1, 1))
@@ -250,13 +258,11 @@ class TuneMV3DModel(Model):
         noise = torch.randn(latents.shape, generator=generator, device=gen_device).to(device)
         noisy = backbone.add_noise(latents, noise, t.to(device).expand(latents.shape[0]))
         out = self.interact(noisy, int(t.item()), text, cameras, novel)
-        target = latents if novel_latents is None else torch.cat([latents, novel_latents])
-        denoise = F.mse_loss(out["eps"], noise)
-        field_l1 = (out["x0"] - target).abs().mean()
-        return {
-            "denoise_loss": self.config.denoise_weight * denoise,
-            "field_loss": self.config.field_weight * field_l1,
-        }
+        losses = {"denoise_loss": self.config.denoise_weight * F.mse_loss(out["eps"], noise)}
+        if self.config.field_output == "x0":
+            target = latents if novel_latents is None else torch.cat([latents, novel_latents])
+            losses["field_loss"] = self.config.field_weight * (out["x0"] - target).abs().mean()
+        return losses
 
     @torch.no_grad()
     def generate(
@@ -319,6 +325,16 @@ class TuneMV3DModel(Model):
 
     # ---- nerfstudio rendering (viewer, ns-render, evaluation) --------------------------------------------
 
+    def field_pictures(self, rendered: Float[Tensor, "V C h w"]) -> Float[Tensor, "V 3 H W"]:
+        """RGB pictures of the field's renderings: decoded x_0 latents, or (field_output 'features') the first
+        three feature channels, each scaled to [0, 1], at the image size."""
+        if self.config.field_output == "x0":
+            return self.backbone.decode_latents(rendered)
+        shown = rendered[:, :3]
+        lo, hi = shown.amin(dim=(0, 2, 3), keepdim=True), shown.amax(dim=(0, 2, 3), keepdim=True)
+        scale = int(self.backbone.vae_scale_factor)
+        return F.interpolate((shown - lo) / (hi - lo).clamp_min(1e-6), scale_factor=scale, mode="nearest")
+
     def get_outputs(self, ray_bundle: RayBundle) -> dict[str, Tensor]:  # type: ignore[override]
         """Latent values, depth and accumulation of rays through the current aggregated field."""
         if self.views is None:
@@ -346,7 +362,7 @@ class TuneMV3DModel(Model):
                 "accumulation": torch.zeros(height, width, 1, device=device),
             }
         rendered = self.render_views(self.views, self.latent_cameras(camera[:1]), self.views_t)
-        rgb = self.backbone.decode_latents(rendered["x0"])
+        rgb = self.field_pictures(rendered["x0"])
 
         def full(x: Tensor, mode: str = "bilinear") -> Tensor:
             return F.interpolate(x, size=(height, width), mode=mode)[0].permute(1, 2, 0)

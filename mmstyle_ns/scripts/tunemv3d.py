@@ -127,7 +127,7 @@ def generate(args: GenerateArgs) -> Path:
         )
     images = result["images"].clamp(0, 1)
     size = (int(images.shape[-2]), int(images.shape[-1]))
-    field_rgb = model.backbone.decode_latents(result["x0"]).clamp(0, 1)
+    field_rgb = model.field_pictures(result["x0"]).clamp(0, 1)
     field_rgb = F.interpolate(field_rgb, size=size, mode="bilinear")
     rows = [
         images.permute(0, 2, 3, 1).cpu().numpy(),
