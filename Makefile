@@ -32,6 +32,8 @@ ifeq ($(METHOD),ed-nerf)
 	$(BIN)/mmstyle-demo --method ed-nerf --data data/toy --output-dir $(OUT)
 else ifeq ($(METHOD),head-stylize)
 	$(BIN)/mmstyle-demo --method head-stylize --data data/head --output-dir $(OUT)
+else ifeq ($(METHOD),tunemv3d)
+	$(BIN)/mmstyle-demo --method tunemv3d --output-dir $(OUT)
 else
 	$(BIN)/mmstyle-demo --data $(DATA) --output-dir $(OUT) --steps $(DEMO_STEPS) --stylization-steps $(DEMO_STYLE_STEPS)
 endif

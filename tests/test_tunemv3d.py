@@ -277,14 +277,19 @@ def test_evaluation_reports_both_samplers(trained_run: Path, tmp_path: Path) -> 
         seeds=(0,),
         steps=2,
         pool_size=10,
-        clip_checkpoint=None,
+        clip_checkpoint=str(Path(__file__).resolve().parents[1] / "examples" / "toy-clip"),
         output_dir=tmp_path / "eval",
+        loss_draws=2,
     )
     report = evaluate(args)
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     for name in ("tunemv3d", "independent"):
         assert 0.0 <= saved[name]["colour_precision"] <= 1.0 and saved[name]["seconds_per_sample"] > 0
         assert len(saved[name]["per_object"]) == 1
+    for name in ("tunemv3d", "independent"):  # R-precision with the toy CLIP over a pool of 10 prompts
+        assert 0.0 <= saved[name]["clip_r_precision"] <= 1.0 and 0.0 <= saved[name]["clip_view_top1"] <= 1.0
+    denoising = saved["held_out_denoising"]
+    assert denoising["draws"] == 2 and denoising["mse_frozen"] > 0 and denoising["ratio"] > 0
     assert report["pool_size"] == 10 and (tmp_path / "eval" / "steps.png").is_file()
     assert (tmp_path / "eval" / "sheet.png").is_file()
 

@@ -49,6 +49,13 @@ class SceneSetDataManagerConfig(FullImageDatamanagerConfig):
     eval_every_scene: int = 10
     """Every n-th scene (counting from the n-th) is held out of training for the evaluation loss; 0 keeps all."""
 
+    def display_folder(self) -> Path:
+        """The dataset folder of the display scene."""
+        from mmstyle_ns.data.collection import load_collection
+
+        assert self.data is not None
+        return load_collection(self.data)[self.display_scene].path
+
     def check_data(self) -> None:
         """Checks the collection folder without loading images (run before ns-train writes anything)."""
         from mmstyle_ns.data.collection import load_collection

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,6 +144,9 @@ def generate(args: GenerateArgs) -> Path:
     state["pipeline"] = {f"_model.{k}": v for k, v in model.state_dict().items()}
     torch.save(state, models / f"step-{step:09d}.ckpt")
     (target / "config.yml").write_text(yaml.dump(saved), "utf8")
+    transforms = args.load_config.parent / "dataparser_transforms.json"
+    if transforms.is_file():
+        shutil.copyfile(transforms, target / transforms.name)
     (target / "generation.json").write_text(
         json.dumps(
             {
@@ -189,6 +193,9 @@ class EvaluateArgs:
     """Its weights (None: no CLIP figure)."""
     output_dir: Path = Path("renders/tunemv3d_eval")
     """Where metrics.json, sheet.png and steps.png are written."""
+    loss_draws: int = 64
+    """Draws (scene, views, timestep, noise) from the held-out scenes on which the noise prediction error of the
+    modulated and of the frozen model are compared (0: skip)."""
 
 
 def prompt_pool(prompts: list[str], size: int, seed: int = 0) -> list[str]:
@@ -234,7 +241,7 @@ def evaluate(args: EvaluateArgs) -> dict[str, Any]:
         from mmstyle_ns.clip.loader import load_clip
 
         clip = load_clip(args.clip_model, args.clip_checkpoint)
-    _, pipeline, _, step = eval_setup(args.load_config, test_mode="inference")
+    _, pipeline, _, step = eval_setup(args.load_config, test_mode="test")  # encodes (or reads) the scenes' latents
     model: Any = pipeline.model
     backbone = model.backbone
     cameras = generation_cameras(pipeline, args.num_views)
@@ -295,6 +302,11 @@ def evaluate(args: EvaluateArgs) -> dict[str, Any]:
                     sheet_rows.append(list(frames))
                     sheet_labels.append(f"{name}: {text}")
             advance()
+    report_loss: dict[str, float] = {}
+    if args.loss_draws > 0:
+        ours_mse, frozen_mse = held_out_denoising(pipeline, args.loss_draws)
+        report_loss = {"draws": args.loss_draws, "mse_tunemv3d": ours_mse, "mse_frozen": frozen_mse,
+                       "ratio": ours_mse / frozen_mse}  # fmt: skip
     pool = prompt_pool(prompts, args.pool_size)
     report: dict[str, Any] = {
         "run": str(args.load_config),
@@ -304,6 +316,7 @@ def evaluate(args: EvaluateArgs) -> dict[str, Any]:
         "views": len(cameras),
         "pool_size": len(pool),
         "device": str(pipeline.device),
+        "held_out_denoising": report_loss,
     }
     for name, entries in results.items():
         summary: dict[str, Any] = {"seconds_per_sample": float(np.mean(timings[name]))}
@@ -333,6 +346,32 @@ def evaluate(args: EvaluateArgs) -> dict[str, Any]:
         save_png(args.output_dir / "steps.png", steps_figure(model, step_states))
     (args.output_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+@torch.no_grad()
+def held_out_denoising(pipeline: Any, draws: int) -> tuple[float, float]:
+    """Mean noise-prediction error (MSE) of the modulated and of the frozen model on the same draws from the
+    held-out scenes (the training objective's first term, on scenes the run never trained on)."""
+    model: Any = pipeline.model
+    backbone = model.backbone
+    datamanager: Any = pipeline.datamanager
+    model.eval()
+    ours, frozen = [], []
+    for draw in range(draws):
+        cameras, batch = datamanager.next_eval(draw)
+        n = int(batch["num_inputs"])
+        latents = pipeline.scene_latents[batch["scene"]][batch["views"][:n]].to(pipeline.device)
+        generator = batch["generator"]
+        t = backbone.sample_timesteps(1, generator=generator, min_step_ratio=model.config.min_step_ratio,
+                                      max_step_ratio=model.config.max_step_ratio)  # fmt: skip
+        noise = torch.randn(latents.shape, generator=generator).to(latents)
+        noisy = backbone.add_noise(latents, noise, t.to(latents.device).expand(n))
+        text = backbone.text_embeddings(batch["prompt"])[:1]
+        eps = model.interact(noisy, int(t), text, cameras[torch.arange(n)])["eps"]
+        plain = backbone.unet_with_residuals(noisy, t.expand(n), text.expand(n, -1, -1))
+        ours.append(float(((eps - noise) ** 2).mean()))
+        frozen.append(float(((plain - noise) ** 2).mean()))
+    return float(np.mean(ours)), float(np.mean(frozen))
 
 
 def steps_figure(model: Any, states: list[dict[str, torch.Tensor]], columns: int = 8) -> np.ndarray:
