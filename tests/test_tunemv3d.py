@@ -313,3 +313,21 @@ def test_bad_inputs_stop_before_anything_is_written(
     assert "--pipeline.guidance.model-path" in message(config)
     config = short_run_config("tunemv3d", tmp_path, tmp_path, guidance_model=tiny_guidance_model)
     assert "collection.json not found" in message(config)
+
+
+def test_viewer_prompt_and_generate_button_replace_the_shown_field(trained_run: Path) -> None:
+    from types import SimpleNamespace
+
+    from nerfstudio.utils.eval_utils import eval_setup
+
+    _, pipeline, _, _ = eval_setup(trained_run, test_mode="test")
+    model = pipeline.model
+    assert model.generation_cameras is not None and model.views_t == 0  # the display scene, aggregated at t = 0
+    before = model.shown_features.clone()
+    model.set_prompt_from_viewer(SimpleNamespace(value="   "))
+    assert model.config.prompt == "a red cube on grass"
+    model.set_prompt_from_viewer(SimpleNamespace(value="three white spheres on stone"))
+    model.config.sample_steps = 2
+    model.generate_from_viewer()
+    assert model.config.prompt == "three white spheres on stone"
+    assert not torch.equal(model.shown_features, before)  # the field of the generation's last step

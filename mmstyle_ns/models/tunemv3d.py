@@ -115,6 +115,34 @@ class TuneMV3DModel(Model):
         self.register_buffer("shown_camera_to_worlds", torch.zeros(0, 3, 4))
         self.register_buffer("shown_intrinsics", torch.zeros(0, 4))
         self.register_buffer("shown_t", torch.zeros((), dtype=torch.long))
+        self.generation_cameras: Cameras | None = None
+        """Cameras of the viewer's Generate button (set by the pipeline: the display scene's)."""
+        self.setup_viewer_controls()
+
+    def setup_viewer_controls(self) -> None:
+        """A Prompt field and a Generate button in the viewer: a multi-view generation of the prompt replaces the
+        shown field (it blocks training while it samples)."""
+        from nerfstudio.viewer.viewer_elements import ViewerButton, ViewerText
+
+        self.viewer_prompt = ViewerText(
+            "Prompt", self.config.prompt, cb_hook=self.set_prompt_from_viewer, hint="what Generate samples"
+        )
+        self.viewer_generate = ViewerButton("Generate", cb_hook=self.generate_from_viewer)
+
+    def set_prompt_from_viewer(self, element: Any) -> None:
+        """Viewer callback of the Prompt field (an empty text is ignored)."""
+        text = str(element.value).strip()
+        if text:
+            self.config.prompt = text
+
+    def generate_from_viewer(self, element: Any = None) -> None:
+        """Viewer callback of the Generate button: samples ``config.prompt`` from :attr:`generation_cameras`."""
+        if self.generation_cameras is None:
+            return
+        was_training = self.training
+        self.eval()
+        self.generate(self.generation_cameras, self.config.prompt, generator=torch.Generator().manual_seed(0))
+        self.train(was_training)
 
     @property
     def views(self) -> ViewSet | None:

@@ -80,7 +80,8 @@ class TuneMV3DPipeline(GuidedPipeline):
         text = self.backbone.text_embeddings(datamanager.scenes[index].caption)[:1]
         was_training = model.training
         model.eval()
-        out = model.interact(latents, 0, text, self.display_cameras())
+        model.generation_cameras = self.display_cameras()
+        out = model.interact(latents, 0, text, model.generation_cameras)
         model.show(out["views"], 0)
         model.train(was_training)
 
