@@ -7,29 +7,33 @@ an index, ``collection.json``:
 .. code-block:: json
 
     {"generator": "mmstyle_ns.data.collection", "generator_version": "1", "num_scenes": 200, "num_views": 16,
-     "resolution": 128, "seed": 0, "held_out_pairs": [["green", "cylinder"], ...],
-     "scenes": [{"name": "scene_00000", "caption": "two shiny red cubes on grass", "seed": 1000}, ...]}
+     "resolution": 128, "seed": 0, "supersample": 2, "held_out_pairs": [["green", "cylinder"], ...],
+     "scenes": [{"name": "scene_00000", "caption": "two shiny red cubes on grass", "seed": 0}, ...]}
 
 Captions are photo captions of the toy grammar (:mod:`mmstyle_ns.teacher.vocab`) drawn from the seed, except the
 colour-shape pairs of :data:`HELD_OUT_PAIRS`: prompts that name them (:func:`held_out_captions`) test generation on
-what the trained model has never seen.
+what the trained model has never seen. Each scene holds out only its first view as the val/test split.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from mmstyle_ns.teacher import vocab
 
 __all__ = [
+    "COLLECTION_VERSION",
     "HELD_OUT_PAIRS",
+    "INDEX",
     "CollectionScene",
     "draw_captions",
     "generate_collection",
@@ -37,6 +41,9 @@ __all__ = [
     "is_held_out",
     "load_collection",
 ]
+
+GENERATOR = "mmstyle_ns.data.collection"
+"""Generator name recorded in the index."""
 
 COLLECTION_VERSION = "1"
 """Bumped whenever the content of a collection changes for the same arguments."""
@@ -47,10 +54,23 @@ HELD_OUT_PAIRS: tuple[tuple[str, str], ...] = (
     ("orange", "cube"),
     ("white", "cylinder"),
 )
-"""Colour-shape pairs no training scene shows (four colours, every shape)."""
+"""Colour-shape pairs no training scene shows: 4 of the 24, four different colours and every shape, so each held-out
+colour and each held-out shape is still seen in training in other combinations (compositional generalisation)."""
+
+_EVAL_GROUND_CYCLE = ("grass", "wood", "stone", "plain")
+"""Grounds the default held-out prompts cycle through."""
 
 INDEX = "collection.json"
 """Name of a collection's index file."""
+
+MAX_SCENES = 100_000
+"""Most scenes a collection may hold (folder names have five digits)."""
+
+_SCENE_NAME = re.compile(r"scene_\d{5}")
+"""Folder names of a collection's scenes (the only folders replacing a collection removes)."""
+
+_SCENE_SEED_STRIDE = 100_003
+"""Scene ``i`` of a collection with seed ``s`` has scene seed ``s * stride + i`` (distinct across seeds)."""
 
 
 @dataclass(frozen=True)
@@ -68,22 +88,41 @@ class CollectionScene:
 
 
 def is_held_out(spec: vocab.SceneSpec) -> bool:
-    """Whether a scene shows one of the :data:`HELD_OUT_PAIRS`."""
+    """Whether a scene shows one of the :data:`HELD_OUT_PAIRS` (whatever its count, material, ground or style)."""
     return (spec.colour, spec.shape) in HELD_OUT_PAIRS
 
 
-def held_out_captions() -> list[str]:
-    """Evaluation prompts no training scene shows: every held-out pair, one matte object, on two grounds each."""
-    grounds = ("grass", "wood", "stone", "plain")
+def held_out_captions(grounds: Sequence[str] | None = None) -> list[str]:
+    """Evaluation prompts no training scene shows: one matte object of each held-out pair per ground.
+
+    Args:
+        grounds: Grounds of :data:`mmstyle_ns.teacher.vocab.GROUNDS` each pair is shown on. None gives two per pair,
+            pair ``i`` on grounds ``i`` and ``i + 1`` of :data:`_EVAL_GROUND_CYCLE`, so every ground appears twice:
+            8 prompts, starting ``"a green cylinder on grass"``, ``"a green cylinder on a wooden floor"``.
+
+    Returns:
+        Photo captions, pairs in :data:`HELD_OUT_PAIRS` order, e.g. ``"a green cylinder on grass"``.
+
+    Raises:
+        ValueError: An unknown ground.
+    """
     prompts = []
     for i, (colour, shape) in enumerate(HELD_OUT_PAIRS):
-        for ground in (grounds[i % 4], grounds[(i + 1) % 4]):
-            prompts.append(vocab.caption(vocab.SceneSpec(colour, shape, ground)))
+        if grounds is None:
+            on = (_EVAL_GROUND_CYCLE[i % 4], _EVAL_GROUND_CYCLE[(i + 1) % 4])
+        else:
+            on = tuple(grounds)
+        prompts.extend(vocab.caption(vocab.SceneSpec(colour, shape, ground)) for ground in on)
     return prompts
 
 
 def draw_captions(count: int, seed: int) -> list[str]:
-    """``count`` photo captions drawn from ``seed`` (any count, material and ground), none with a held-out pair."""
+    """The training captions of a collection: ``count`` photo captions drawn from ``seed``.
+
+    Counts, materials and grounds follow :func:`mmstyle_ns.teacher.vocab.sample_spec`; colour-shape pairs are uniform
+    over those not in :data:`HELD_OUT_PAIRS`. Caption ``i`` depends only on ``seed`` and ``i`` (a longer list extends
+    a shorter one).
+    """
     rng = np.random.default_rng([seed, 7])
     captions: list[str] = []
     while len(captions) < count:
@@ -92,6 +131,39 @@ def draw_captions(count: int, seed: int) -> list[str]:
         if not is_held_out(spec):
             captions.append(vocab.caption(spec))
     return captions
+
+
+def _validate(num_scenes: int, num_views: int, resolution: int, seed: int, supersample: int) -> None:
+    """Checks the arguments of :func:`generate_collection` before anything is written or removed."""
+    if not 1 <= num_scenes <= MAX_SCENES:
+        raise ValueError(f"num_scenes must be between 1 and {MAX_SCENES}, got {num_scenes}")
+    if num_views < 2:
+        raise ValueError(f"num_views must be at least 2 (one training and one evaluation view), got {num_views}")
+    if not 8 <= resolution <= 4096:
+        raise ValueError(f"resolution must be between 8 and 4096 pixels, got {resolution}")
+    if not 1 <= supersample <= 8:
+        raise ValueError(f"supersample must be between 1 and 8, got {supersample}")
+    if seed < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}")
+
+
+def _remove_old(out: Path) -> None:
+    """Removes the collection in ``out``: its index and its scene folders (those the index lists, and any left by an
+    interrupted run, i.e. ``scene_NNNNN`` folders holding a scene this generator wrote)."""
+    index = out / INDEX
+    names: set[str] = set()
+    if index.is_file():
+        try:
+            entries = json.loads(index.read_text("utf8")).get("scenes", [])
+            names |= {str(e.get("name")) for e in entries if isinstance(e, dict)}
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            pass  # an unreadable index: the scan below still finds the scene folders
+        index.unlink()
+    names |= {p.name for p in out.glob("scene_*") if (p / "scene.json").is_file()}
+    for name in sorted(names):
+        folder = out / name
+        if _SCENE_NAME.fullmatch(name) and folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder)
 
 
 def generate_collection(
@@ -103,39 +175,42 @@ def generate_collection(
     supersample: int = 2,
     log: Callable[[str], None] | None = None,
 ) -> Path:
-    """Writes ``num_scenes`` toy scenes and the index (see the module docstring); deterministic in its arguments.
+    """Writes a collection of toy scenes and its index (layout in the module docstring).
 
-    An existing collection in ``out_dir`` is replaced (the scene folders its index lists are removed first).
+    Scene ``i`` shows caption ``i`` of :func:`draw_captions` with its own scene seed and is written by
+    :func:`mmstyle_ns.data.scene.generate_scene` (kind ``toy``, only the first view held out) into
+    ``out_dir/scene_<i:05d>/``. The same arguments give byte-identical files. An existing collection in ``out_dir``
+    is replaced; the index is written last, so an interrupted run leaves no index.
+
+    Args:
+        out_dir: Output folder (created if missing).
+        num_scenes: Number of scenes (1 to :data:`MAX_SCENES`).
+        num_views: Views per scene (at least 2).
+        resolution: Width and height of the square images in pixels (8 to 4096).
+        seed: Non-negative seed of the captions and the scene seeds.
+        supersample: Colour samples per pixel along each axis (1 to 8).
+        log: Optional callback for progress messages (every 10 scenes, at most ~10 s apart, and at the end).
+
+    Returns:
+        ``out_dir`` as a Path.
 
     Raises:
-        ValueError: a bad argument, or ``out_dir`` is a file.
+        ValueError: A bad argument, or ``out_dir`` is a file or holds a single-scene dataset.
     """
     from mmstyle_ns.data.scene import generate_scene
 
-    if num_scenes < 1:
-        raise ValueError(f"num_scenes must be at least 1, got {num_scenes}")
-    if num_views < 2:
-        raise ValueError(f"num_views must be at least 2, got {num_views}")
-    if seed < 0:
-        raise ValueError(f"seed must be non-negative, got {seed}")
+    _validate(num_scenes, num_views, resolution, seed, supersample)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output path {out} exists and is not a directory")
-    old = out / INDEX
-    if old.is_file():
-        try:
-            for entry in json.loads(old.read_text("utf8")).get("scenes", []):
-                folder = out / str(entry.get("name", ""))
-                if folder != out and folder.is_dir():
-                    shutil.rmtree(folder)
-        except (OSError, ValueError, AttributeError):
-            pass
-        old.unlink()
+    if (out / "transforms.json").is_file():
+        raise ValueError(f"{out} holds a single-scene dataset (transforms.json); write the collection elsewhere")
+    _remove_old(out)
     out.mkdir(parents=True, exist_ok=True)
-    scenes = []
-    start = time.perf_counter()
+    scenes: list[dict[str, Any]] = []
+    start = last = time.perf_counter()
     for i, caption in enumerate(draw_captions(num_scenes, seed)):
-        name, scene_seed = f"scene_{i:05d}", seed * 100_003 + i
+        name, scene_seed = f"scene_{i:05d}", seed * _SCENE_SEED_STRIDE + i
         generate_scene(
             "toy",
             out / name,
@@ -147,48 +222,65 @@ def generate_collection(
             caption=caption,
         )
         scenes.append({"name": name, "caption": caption, "seed": scene_seed})
-        if log is not None and ((i + 1) % 10 == 0 or i + 1 == num_scenes):
-            log(f"wrote {i + 1}/{num_scenes} scenes ({time.perf_counter() - start:.0f} s)")
+        now, done = time.perf_counter(), i + 1
+        if log is not None and (done % 10 == 0 or now - last >= 10.0 or done == num_scenes):
+            left = (now - start) / done * (num_scenes - done)
+            log(f"wrote {done}/{num_scenes} scenes ({now - start:.0f} s, ~{left:.0f} s left)")
+            last = now
     index = {
-        "generator": "mmstyle_ns.data.collection",
+        "generator": GENERATOR,
         "generator_version": COLLECTION_VERSION,
         "num_scenes": num_scenes,
         "num_views": num_views,
         "resolution": resolution,
         "seed": seed,
+        "supersample": supersample,
         "held_out_pairs": [list(pair) for pair in HELD_OUT_PAIRS],
         "scenes": scenes,
     }
-    (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    (out / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf8")
     return out
 
 
 def load_collection(folder: str | Path) -> list[CollectionScene]:
-    """The scenes of a collection, checked: the index is readable and every scene folder has a transforms.json.
+    """The scenes of a collection, checked: the index is valid and every scene folder has a ``transforms.json``.
+
+    Args:
+        folder: A folder written by :func:`generate_collection`.
+
+    Returns:
+        The scenes in index order.
 
     Raises:
-        ValueError: one message naming what is missing or wrong.
+        ValueError: One message naming the file or folder that is missing or wrong.
     """
     root = Path(folder)
     index = root / INDEX
-    hint = "write one with mmstyle-scene --kind toy-collection --out <folder>"
+    hint = f"write a collection with mmstyle-scene --kind toy-collection --out {root}"
     if not index.is_file():
-        raise ValueError(f"{index} not found: a scene collection has an index; {hint}")
+        raise ValueError(f"{index} not found: {hint}")
     try:
         meta = json.loads(index.read_text("utf8"))
-        entries = meta["scenes"]
+        if meta.get("generator") != GENERATOR:
+            raise ValueError(f"generator is {meta.get('generator')!r}, not {GENERATOR!r}")
         scenes = [
-            CollectionScene(str(e["name"]), root / str(e["name"]), str(e["caption"]), int(e["seed"])) for e in entries
+            CollectionScene(str(e["name"]), root / str(e["name"]), str(e["caption"]), int(e["seed"]))
+            for e in meta["scenes"]
         ]
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{index} is not a valid scene collection index ({error}); {hint}") from None
+    if meta.get("generator_version") != COLLECTION_VERSION:
         raise ValueError(
-            f"{index} cannot be read as a scene collection ({type(error).__name__}: {error}); {hint}"
-        ) from None
+            f"{index} was written by collection generator version {meta.get('generator_version')!r}, this is "
+            f"version {COLLECTION_VERSION}; {hint}"
+        )
     if not scenes:
         raise ValueError(f"{index} lists no scenes; {hint}")
     for scene in scenes:
+        if not _SCENE_NAME.fullmatch(scene.name):
+            raise ValueError(f"{index} lists a scene named {scene.name!r}, not scene_NNNNN; {hint}")
         if not (scene.path / "transforms.json").is_file():
             raise ValueError(
-                f"{scene.path / 'transforms.json'} not found: the collection at {root} is incomplete; {hint}"
+                f"{scene.path / 'transforms.json'} not found: the collection in {root} is incomplete; {hint}"
             )
     return scenes
