@@ -331,3 +331,23 @@ def test_viewer_prompt_and_generate_button_replace_the_shown_field(trained_run: 
     model.generate_from_viewer()
     assert model.config.prompt == "three white spheres on stone"
     assert not torch.equal(model.shown_features, before)  # the field of the generation's last step
+
+
+def test_export_writes_a_weights_only_run_that_renders_the_same(trained_run: Path, tmp_path: Path) -> None:
+    from nerfstudio.utils.eval_utils import eval_setup
+
+    from mmstyle_ns.scripts.tunemv3d import ExportArgs, export
+
+    exported = export(ExportArgs(trained_run, tmp_path / "examples"))
+    assert exported == tmp_path / "examples" / "tunemv3d-toy" / "tunemv3d" / "shipped" / "config.yml"
+    (checkpoint,) = (exported.parent / "nerfstudio_models").glob("step-*.ckpt")
+    assert set(torch.load(checkpoint, map_location="cpu", weights_only=True)) == {"step", "pipeline"}
+    renders = []
+    for config in (trained_run, exported):
+        _, pipeline, _, _ = eval_setup(config, test_mode="inference")
+        camera = pipeline.datamanager.eval_dataset.cameras[0:1].to(pipeline.device)
+        with torch.no_grad():
+            renders.append(pipeline.model.get_outputs_for_camera(camera)["rgb"])
+    torch.testing.assert_close(renders[0], renders[1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="exists already"):
+        export(ExportArgs(trained_run, tmp_path / "examples"))

@@ -169,6 +169,56 @@ def generate(args: GenerateArgs) -> Path:
 
 
 @dataclass
+class ExportArgs:
+    """Write a trained tunemv3d run as a small self-contained run folder: weights only (no optimizer state)."""
+
+    load_config: Path
+    """config.yml of a trained tunemv3d run."""
+    output_dir: Path
+    """The new run folder goes to <output-dir>/<experiment>/tunemv3d/<timestamp>/."""
+    experiment: str = "tunemv3d-toy"
+    """Experiment name of the exported run."""
+    timestamp: str = "shipped"
+    """Timestamp (folder name) of the exported run."""
+    overwrite: bool = False
+    """Replace an existing export."""
+
+
+def export(args: ExportArgs) -> Path:
+    """Copies the run's config (re-rooted), its latest checkpoint without optimizer state, and its dataparser
+    transforms; returns the exported config.yml."""
+    import yaml
+
+    from mmstyle_ns.compat.checkpoints import find_checkpoint
+    from mmstyle_ns.engine import RunConfigError, load_run_config
+    from mmstyle_ns.pipelines.tunemv3d import TuneMV3DPipelineConfig
+
+    config = load_run_config(args.load_config)
+    if not isinstance(config.pipeline, TuneMV3DPipelineConfig):
+        raise RunConfigError(f"--load-config {args.load_config} is a {config.method_name} run, not a tunemv3d run")
+    checkpoint = find_checkpoint(args.load_config.parent)
+    if checkpoint is None:
+        raise RunConfigError(f"no checkpoint in {args.load_config.parent / 'nerfstudio_models'}; train the run first")
+    saved = dataclasses.replace(config, experiment_name=args.experiment, timestamp=args.timestamp)
+    saved.output_dir = args.output_dir
+    target = saved.get_base_dir()
+    if target.exists() and not args.overwrite:
+        raise RunConfigError(f"{target} exists already; pass --overwrite to replace it")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    models = target / saved.relative_model_dir
+    if models.exists():
+        shutil.rmtree(models)
+    models.mkdir(parents=True)
+    torch.save({"step": state["step"], "pipeline": state["pipeline"]}, models / checkpoint.name)
+    (target / "config.yml").write_text(yaml.dump(saved), "utf8")
+    transforms = args.load_config.parent / "dataparser_transforms.json"
+    if transforms.is_file():
+        shutil.copyfile(transforms, target / transforms.name)
+    print(f"Wrote {target / 'config.yml'} ({(models / checkpoint.name).stat().st_size / 2**20:.1f} MB of weights)")
+    return target / "config.yml"
+
+
+@dataclass
 class EvaluateArgs:
     """Measure a trained tunemv3d run on held-out prompts against independent sampling of every view."""
 
@@ -393,10 +443,14 @@ def entrypoint() -> None:
     """Console-script entry point."""
     from mmstyle_ns.engine import reported_run_config_errors
 
-    args = tyro.extras.subcommand_cli_from_dict({"generate": GenerateArgs, "evaluate": EvaluateArgs})
+    args = tyro.extras.subcommand_cli_from_dict(
+        {"generate": GenerateArgs, "evaluate": EvaluateArgs, "export": ExportArgs}
+    )
     with reported_run_config_errors("mmstyle-tunemv3d"):
         try:
-            if isinstance(args, EvaluateArgs):
+            if isinstance(args, ExportArgs):
+                export(args)
+            elif isinstance(args, EvaluateArgs):
                 print(json.dumps({k: v for k, v in evaluate(args).items() if k not in ("tunemv3d", "independent")}))
             else:
                 generate(args)
