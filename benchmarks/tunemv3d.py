@@ -25,6 +25,8 @@ from timing import timed
 
 @dataclass
 class Args:
+    """Time a tunemv3d training step and a multi-view sample against independent sampling."""
+
     load_config: Path
     """config.yml of a tunemv3d run (trained or not: the cost does not depend on the weights)."""
     prompt: str = "a green cylinder on grass"
@@ -69,6 +71,7 @@ def main(args: Args) -> dict[str, Any]:
     ours_ms, ours_sd = timed(lambda: sample(True), args.repeats)
     base_ms, base_sd = timed(lambda: sample(False), args.repeats)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    gpu_peak = torch.cuda.max_memory_allocated(device) / 2**20 if torch.device(device).type == "cuda" else None
     datamanager: Any = pipeline.datamanager
     result = {
         "device": name,
@@ -81,6 +84,7 @@ def main(args: Args) -> dict[str, Any]:
         "views": len(cameras),
         "ddim_steps": args.steps,
         "peak_rss_mb": peak,
+        "peak_gpu_mb": gpu_peak,
     }
     print(f"device: {name}")
     print(f"training step ({result['views_per_step']} + {result['novel_views_per_step']} views): "
@@ -88,7 +92,7 @@ def main(args: Args) -> dict[str, Any]:
     print(f"sample of {len(cameras)} views, {args.steps} DDIM steps: TuneMV3D {ours_ms / 1000:.2f} +- "
           f"{ours_sd / 1000:.2f} s, independent {base_ms / 1000:.2f} +- {base_sd / 1000:.2f} s, "
           f"ratio {ours_ms / base_ms:.1f}x")  # fmt: skip
-    print(f"peak memory (RSS): {peak:.0f} MB")
+    print(f"peak memory (RSS): {peak:.0f} MB" + (f", GPU {gpu_peak:.0f} MB allocated" if gpu_peak else ""))
     return result
 
 

@@ -165,14 +165,20 @@ def test_load_collection_errors_name_the_path(small: Path, tmp_path: Path) -> No
     for bad in (
         {**index, "scenes": []},
         {k: v for k, v in index.items() if k != "scenes"},
-        {**index, "generator": "x"},
+        {**index, "generator_version": "0"},
     ):
         (broken / INDEX).write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=str(broken / INDEX)):
             load_collection(broken)
     (broken / INDEX).write_text(json.dumps({**index, "scenes": [{**index["scenes"][0], "name": "../elsewhere"}]}))
-    with pytest.raises(ValueError, match="not scene_NNNNN"):
+    with pytest.raises(ValueError, match="names are subfolders"):
         load_collection(broken)
+    # a collection of one's own: only names and captions (any subfolder names, no generator fields)
+    own = tmp_path / "own"
+    shutil.copytree(small / "scene_00000", own / "chair")
+    (own / INDEX).write_text(json.dumps({"scenes": [{"name": "chair", "caption": "a red cube on grass"}]}))
+    (scene,) = load_collection(own)
+    assert scene.path == own / "chair" and scene.caption == "a red cube on grass" and scene.seed == 0
 
 
 def test_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,8 +12,8 @@ import torch
 from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.data.scene_box import SceneBox
 
+from mmstyle_ns.data.datamanagers import cameras_at_size
 from mmstyle_ns.fields.aggregation import AggregationField, AggregationFieldConfig, ViewSet
-from mmstyle_ns.fields.carving import project_points
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,7 +78,10 @@ def test_zero_initialised_modulation_is_the_frozen_model(backbone: Any, field_ou
     steps = torch.full((3,), 700)
     frozen = backbone.unet_with_residuals(noisy, steps, text.expand(3, -1, -1))
     torch.testing.assert_close(conditional, frozen, rtol=0, atol=0)
-    torch.testing.assert_close(guided["eps"], backbone.predict_noise(noisy, 700, text, 5.0), rtol=0, atol=0)
+    empty = backbone.text_embeddings("")[:1]
+    torch.testing.assert_close(guided["eps"], model.frozen_prediction(noisy, 700, text, 5.0, empty), rtol=0, atol=0)
+    # the same guidance as the backbone's batched call, to float rounding
+    torch.testing.assert_close(guided["eps"], backbone.predict_noise(noisy, 700, text, 5.0), rtol=1e-4, atol=1e-5)
     # and through a whole sampling run: the modulated sampler equals independent sampling of every view
     seeds = [torch.Generator().manual_seed(5) for _ in range(2)]
     ours = model.generate(cameras, "a red cube on grass", steps=2, generator=seeds[0])
@@ -137,8 +140,12 @@ def test_aggregation_does_not_depend_on_the_order_of_views(backbone: Any) -> Non
     points = torch.rand(300, 3) * 1.6 - 0.8
     order = torch.tensor([2, 0, 3, 1])
     torch.testing.assert_close(field.aggregate(points, views), field.aggregate(points, views.permuted(order)))
-    # the whole interactive model: permuting the input views permutes its outputs
+    # the whole interactive model: permuting the input views permutes its outputs (with a non-zero modulation)
     model = _model(backbone)
+    with torch.no_grad():
+        for conv in [*model.modulator.encoder.controlnet_down_blocks, model.modulator.encoder.controlnet_mid_block]:
+            conv.weight.normal_(0.0, 0.05)
+    assert not model.modulator.zero_outputs()
     model.eval()
     noisy = torch.randn(4, 4, 8, 8)
     text = backbone.text_embeddings("two green cubes on stone")[:1]
@@ -160,27 +167,28 @@ class TuneMV3DModelFor:
 
 
 def test_field_renders_every_view_in_its_own_pixels(backbone: Any) -> None:
-    """A point on the ray of latent pixel (row i, column j) of a view projects to that pixel's centre."""
+    """A point on the ray of latent pixel (row i, column j) of a view samples that pixel's feature, and the rendered
+    images are every camera's own, rows and columns in place (non-square, so a transpose cannot pass)."""
     model = _model(backbone)
-    cameras = model.latent_cameras(_orbit_cameras(3))
-    assert int(cameras.width[0]) == 8 and int(cameras.height[0]) == 8
-    bundle = cameras.generate_rays(camera_indices=torch.arange(3)[:, None])  # [8, 8, 3]
-    views = model.view_set(torch.zeros(3, 8, 8, 8), cameras)
-    points = (bundle.origins + 2.5 * bundle.directions).permute(2, 0, 1, 3)  # [3, 8, 8, 3]
-    for view in range(3):
-        u, v, depth = project_points(points[view].reshape(-1, 3), views.camera_to_worlds, views.intrinsics)
-        rows, cols = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
-        torch.testing.assert_close(u[view], cols.reshape(-1) + 0.5, atol=1e-4, rtol=0)
-        torch.testing.assert_close(v[view], rows.reshape(-1) + 0.5, atol=1e-4, rtol=0)
-        assert bool((depth[view] > 0).all())
     model.eval()
-    views = model.view_set(torch.randn(3, 8, 8, 8, generator=torch.Generator().manual_seed(0)), cameras)
+    cameras = model.latent_cameras(_orbit_cameras(3, size=64))
+    cameras = cameras_at_size(cameras, 6, 10)  # latent images of 6 rows x 10 columns
+    bundle = cameras.generate_rays(camera_indices=torch.arange(3)[:, None])  # [6, 10, 3]
+    points = (bundle.origins + 2.5 * bundle.directions).permute(2, 0, 1, 3)  # [3, 6, 10, 3]
+    one_hot = torch.eye(60).reshape(60, 6, 10)  # feature k is 1 at pixel k (row-major) only
+    field = AggregationField(feature_dim=60, out_channels=4)
+    for view in range(3):
+        single = TuneMV3DModelFor.view_set(one_hot[None], cameras[view : view + 1])
+        mean = field.aggregate(points[view].reshape(-1, 3), single)[:, :60]  # [60 pixels, 60 features]
+        torch.testing.assert_close(mean, torch.eye(60), atol=1e-4, rtol=0)
+    views = model.view_set(torch.randn(3, 8, 6, 10, generator=torch.Generator().manual_seed(0)), cameras)
     rendered = model.render_views(views, cameras, 0)
-    assert rendered["x0"].shape == (3, 4, 8, 8) and rendered["depth"].shape == (3, 1, 8, 8)
-    for view in range(3):  # each image is its own camera's, in its own orientation
-        alone = model.render_views(views, cameras[view : view + 1], 0)
-        torch.testing.assert_close(alone["x0"], rendered["x0"][view : view + 1], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(alone["depth"], rendered["depth"][view : view + 1], atol=1e-5, rtol=1e-5)
+    assert rendered["x0"].shape == (3, 4, 6, 10) and rendered["depth"].shape == (3, 1, 6, 10)
+    for view in range(3):  # each image is its own camera's, rows and columns in place
+        rays = model._collide(cameras.generate_rays(camera_indices=view).flatten())  # [60], row-major
+        direct = model.field.render(rays, views, 0, model.config.num_samples, model.background_latent)
+        torch.testing.assert_close(direct["values"].T.reshape(4, 6, 10), rendered["x0"][view], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(direct["depth"].T.reshape(1, 6, 10), rendered["depth"][view], atol=1e-5, rtol=1e-5)
 
 
 def test_field_learns_to_render_held_out_views_of_a_scene(backbone: Any, tmp_path: Path) -> None:
@@ -261,7 +269,11 @@ def test_generation_writes_a_run_that_renders_the_generated_field(trained_run: P
         shown = pipeline.model.get_outputs_for_camera(camera)["rgb"]
         before = trained.model.get_outputs_for_camera(camera)["rgb"]
     assert shown.shape == before.shape and (shown - before).abs().mean() > 1e-4  # the generated field, not the run's
-    assert int(pipeline.model.views_t) < 1000 and pipeline.model.views is not None
+    from diffusers import DDIMScheduler
+
+    schedule: Any = DDIMScheduler.from_config(pipeline.model.backbone.scheduler.config)
+    schedule.set_timesteps(2)
+    assert pipeline.model.views_t == int(schedule.timesteps[-1]) and pipeline.model.views is not None
     with pytest.raises(ValueError, match="exists already"):
         generate(GenerateArgs(trained_run, "a purple sphere on grass", steps=2, seed=3))
 
@@ -323,6 +335,11 @@ def test_viewer_prompt_and_generate_button_replace_the_shown_field(trained_run: 
     _, pipeline, _, _ = eval_setup(trained_run, test_mode="test")
     model = pipeline.model
     assert model.generation_cameras is not None and model.views_t == 0  # the display scene, aggregated at t = 0
+    # nerfstudio's evaluation: the loss on held-out scenes, and the display scene's held-out image through the field
+    _, losses, _ = pipeline.get_eval_loss_dict(0)
+    assert set(losses) == {"denoise_loss", "field_loss"} and all(torch.isfinite(v) for v in losses.values())
+    metrics, images = pipeline.get_eval_image_metrics_and_images(0)
+    assert metrics["psnr"] > 5.0 and images["img"].shape[-1] == 3
     before = model.shown_features.clone()
     model.set_prompt_from_viewer(SimpleNamespace(value="   "))
     assert model.config.prompt == "a red cube on grass"

@@ -245,8 +245,12 @@ def generate_collection(
 def load_collection(folder: str | Path) -> list[CollectionScene]:
     """The scenes of a collection, checked: the index is valid and every scene folder has a ``transforms.json``.
 
+    A collection of one's own needs only ``collection.json`` with ``{"scenes": [{"name": <subfolder>, "caption":
+    <text>}, ...]}`` (``seed`` is optional) next to the scenes' nerfstudio datasets, all in one world frame; the
+    generator fields are checked only for collections this module wrote.
+
     Args:
-        folder: A folder written by :func:`generate_collection`.
+        folder: A collection folder (e.g. written by :func:`generate_collection`).
 
     Returns:
         The scenes in index order.
@@ -261,15 +265,13 @@ def load_collection(folder: str | Path) -> list[CollectionScene]:
         raise ValueError(f"{index} not found: {hint}")
     try:
         meta = json.loads(index.read_text("utf8"))
-        if meta.get("generator") != GENERATOR:
-            raise ValueError(f"generator is {meta.get('generator')!r}, not {GENERATOR!r}")
         scenes = [
-            CollectionScene(str(e["name"]), root / str(e["name"]), str(e["caption"]), int(e["seed"]))
+            CollectionScene(str(e["name"]), root / str(e["name"]), str(e["caption"]), int(e.get("seed", 0)))
             for e in meta["scenes"]
         ]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"{index} is not a valid scene collection index ({error}); {hint}") from None
-    if meta.get("generator_version") != COLLECTION_VERSION:
+    if meta.get("generator") == GENERATOR and meta.get("generator_version") != COLLECTION_VERSION:
         raise ValueError(
             f"{index} was written by collection generator version {meta.get('generator_version')!r}, this is "
             f"version {COLLECTION_VERSION}; {hint}"
@@ -277,8 +279,11 @@ def load_collection(folder: str | Path) -> list[CollectionScene]:
     if not scenes:
         raise ValueError(f"{index} lists no scenes; {hint}")
     for scene in scenes:
-        if not _SCENE_NAME.fullmatch(scene.name):
-            raise ValueError(f"{index} lists a scene named {scene.name!r}, not scene_NNNNN; {hint}")
+        name = Path(scene.name)
+        if not scene.name or name.is_absolute() or ".." in name.parts:
+            raise ValueError(f"{index} lists a scene named {scene.name!r}: names are subfolders of {root}")
+        if not scene.caption.strip():
+            raise ValueError(f"{index}: scene {scene.name!r} has an empty caption")
         if not (scene.path / "transforms.json").is_file():
             raise ValueError(
                 f"{scene.path / 'transforms.json'} not found: the collection in {root} is incomplete; {hint}"

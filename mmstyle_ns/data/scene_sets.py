@@ -52,8 +52,10 @@ class SceneSetDataManagerConfig(FullImageDatamanagerConfig):
     def display_folder(self) -> Path:
         """The dataset folder of the display scene."""
         from mmstyle_ns.data.collection import load_collection
+        from mmstyle_ns.pipelines.base import DataFolderError
 
-        assert self.data is not None
+        if self.data is None:
+            raise DataFolderError("the run names no scene collection (--data)")
         return load_collection(self.data)[self.display_scene].path
 
     def check_data(self) -> None:
@@ -121,6 +123,13 @@ class SceneSetDataManager(FullImageDatamanager):
         held = {i for i in range(len(self.scenes)) if every > 0 and (i + 1) % every == 0}
         self.train_scenes = [i for i in range(len(self.scenes)) if i not in held] or list(range(len(self.scenes)))
         self.eval_scenes = sorted(held) or self.train_scenes
+        if not held:
+            from nerfstudio.utils.rich_utils import CONSOLE
+
+            CONSOLE.print(
+                f"[yellow]The collection has {len(self.scenes)} scenes, fewer than --pipeline.datamanager."
+                f"eval-every-scene {every}: the evaluation loss uses training scenes.[/yellow]"
+            )
         need = config.views_per_step + config.novel_views_per_step
         fewest = min(len(c) for c in self.scene_cameras)
         if need > fewest:
@@ -150,6 +159,21 @@ class SceneSetDataManager(FullImageDatamanager):
     def next_eval(self, step: int) -> tuple[Cameras, dict[str, Any]]:  # type: ignore[override]
         """The same draw over the held-out scenes."""
         return self._draw(self.eval_scenes, step, "eval")
+
+    def display_views(self, count: int | None = None) -> Int[Tensor, " V"]:
+        """Indices of ``count`` cameras of the display scene (default ``views_per_step``), evenly spread over its
+        cameras ordered by azimuth about the world's z axis, so that neighbouring views are neighbours on the orbit."""
+        cameras = self.scene_cameras[self.config.display_scene]
+        count = self.config.views_per_step if count is None else count
+        if not 1 <= count <= len(cameras):
+            raise ValueError(f"{count} views asked for: the display scene has {len(cameras)} cameras")
+        position = cameras.camera_to_worlds[:, :, 3]
+        order = torch.argsort(torch.atan2(position[:, 1], position[:, 0]))
+        return order[torch.linspace(0, len(cameras), count + 1)[:-1].long()]
+
+    def display_cameras(self, count: int | None = None) -> Cameras:
+        """The cameras of :meth:`display_views`, on the training device."""
+        return self.scene_cameras[self.config.display_scene][self.display_views(count)].to(self.device)
 
     def get_train_rays_per_batch(self) -> int:
         """Latent pixels the field renders per step (for the trainer's statistics)."""

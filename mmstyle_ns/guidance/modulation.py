@@ -74,10 +74,17 @@ class MultiViewModulator(nn.Module):
         super().__init__()
         from diffusers import ControlNetModel
 
+        extra = unet.config.get("addition_embed_type")
+        if extra not in (None, "text"):
+            raise ValueError(
+                f"MultiViewModulator supports UNets without extra conditioning or with text pooling, not "
+                f"addition_embed_type={extra!r} (e.g. SDXL's size and crop conditioning)"
+            )
         channels = int(unet.config.in_channels)
         encoder: Any = ControlNetModel.from_unet(unet, conditioning_channels=channels)
         if hasattr(unet, "add_embedding") and unet.add_embedding is not None:
-            # from_unet builds the text-pooling embedding with its own default head count; take the UNet's module
+            # from_unet builds the text-pooling embedding with ControlNet's default head count (64), which a narrow
+            # text width cannot split (AttentionPooling needs width // heads > 0): take the UNet's own module
             encoder.add_embedding = copy.deepcopy(unet.add_embedding)
         first = int(unet.config.block_out_channels[0])
         encoder.controlnet_cond_embedding = RawNoiseEncoder(channels, raw_hidden, first) if raw_noise else NoRawInput()
@@ -92,7 +99,7 @@ class MultiViewModulator(nn.Module):
         noisy: Float[Tensor, "N c h w"],
         t: Int[Tensor, " N"],
         text_emb: Float[Tensor, "N L D"],
-    ) -> tuple[list[Tensor], Tensor]:
+    ) -> tuple[list[Float[Tensor, "N C hi wi"]], Float[Tensor, "N Cm hm wm"]]:
         """Residuals for every skip connection of the UNet (in order) and for its mid block.
 
         Args:

@@ -41,6 +41,8 @@ class TuneMV3DModelConfig(ModelConfig):
     """TuneMV3D's interactive model over a frozen diffusion backbone (the pipeline injects the backbone)."""
 
     _target: type = field(default_factory=lambda: TuneMV3DModel)
+    enable_collider: bool = False
+    """nerfstudio's near/far collider stays off: rays are clipped to the scene box."""
     feature_dim: int = 16
     """Channels of the per-view features the field aggregates."""
     encoder_width: int = 32
@@ -117,6 +119,8 @@ class TuneMV3DModel(Model):
         self.register_buffer("shown_t", torch.zeros((), dtype=torch.long))
         self.generation_cameras: Cameras | None = None
         """Cameras of the viewer's Generate button (set by the pipeline: the display scene's)."""
+        self.showing_generation = False
+        """Set by the viewer's Generate button: the pipeline then stops refreshing the shown display scene."""
         self.setup_viewer_controls()
 
     def setup_viewer_controls(self) -> None:
@@ -136,13 +140,26 @@ class TuneMV3DModel(Model):
             self.config.prompt = text
 
     def generate_from_viewer(self, element: Any = None) -> None:
-        """Viewer callback of the Generate button: samples ``config.prompt`` from :attr:`generation_cameras`."""
-        if self.generation_cameras is None:
+        """Viewer callback of the Generate button: samples ``config.prompt`` from :attr:`generation_cameras` (or,
+        in a run opened for viewing only, from the shown state's cameras)."""
+        cameras = self.generation_cameras if self.generation_cameras is not None else self.shown_cameras()
+        if cameras is None:
             return
         was_training = self.training
         self.eval()
-        self.generate(self.generation_cameras, self.config.prompt, generator=torch.Generator().manual_seed(0))
+        self.generate(cameras, self.config.prompt, generator=torch.Generator().manual_seed(0))
+        self.showing_generation = True
         self.train(was_training)
+
+    def shown_cameras(self) -> Cameras | None:
+        """The cameras of the shown state at image size (None when nothing is shown)."""
+        if self.views is None:
+            return None
+        factor = int(self.backbone.vae_scale_factor)
+        height, width = (int(x) * factor for x in self.shown_features.shape[-2:])
+        fx, fy, cx, cy = (self.shown_intrinsics[:, i : i + 1] * factor for i in range(4))
+        return Cameras(camera_to_worlds=self.shown_camera_to_worlds, fx=fx, fy=fy, cx=cx, cy=cy, width=width,
+                       height=height)  # fmt: skip
 
     @property
     def views(self) -> ViewSet | None:
@@ -251,6 +268,22 @@ class TuneMV3DModel(Model):
             ``eps`` ``[V, c, h, w]`` (the modulated UNet's noise prediction), ``x0`` (the field's rendering of the
             views, then of ``novel``), ``depth``, ``accumulation`` and ``views`` (the aggregated :class:`ViewSet`).
         """
+        conditional = self._interact(noisy, t, text_emb, cameras, novel)
+        if guidance_scale is None:
+            return conditional
+        # the whole interactive model runs on the empty prompt too: prompt drop-out trained it that way
+        empty = self.backbone.text_embeddings("")[:1] if uncond_emb is None else uncond_emb
+        unconditional = self._interact(noisy, t, empty, cameras)
+        return {**conditional, "eps": guided(unconditional["eps"], conditional["eps"], guidance_scale)}
+
+    def _interact(
+        self,
+        noisy: Float[Tensor, "V c h w"],
+        t: int,
+        text_emb: Float[Tensor, "1 L D"],
+        cameras: Cameras,
+        novel: Cameras | None = None,
+    ) -> dict[str, Any]:
         v = noisy.shape[0]
         steps = torch.full((v,), int(t), device=noisy.device, dtype=torch.long)
         emb = text_emb.to(noisy).expand(v, -1, -1)
@@ -259,16 +292,26 @@ class TuneMV3DModel(Model):
         render = latent if novel is None else _concat(latent, self.latent_cameras(novel))
         rendered = self.render_views(views, render, int(t))
         down, mid = self.modulator(rendered["x0"][:v], noisy, steps, emb)
-        eps = self.backbone.unet_with_residuals(
-            noisy, steps, emb, down, mid, guidance_scale=guidance_scale, uncond_emb=uncond_emb
-        )
+        eps = self.backbone.unet_with_residuals(noisy, steps, emb, down, mid)
         return {"eps": eps, **rendered, "views": views}
+
+    def frozen_prediction(
+        self, noisy: Float[Tensor, "V c h w"], t: int, text_emb: Float[Tensor, "1 L D"], guidance_scale: float,
+        uncond_emb: Float[Tensor, "1 L D"],
+    ) -> Float[Tensor, "V c h w"]:  # fmt: skip
+        """The frozen UNet alone, guided the same way as :meth:`interact` (independent sampling of each view)."""
+        v = noisy.shape[0]
+        steps = torch.full((v,), int(t), device=noisy.device, dtype=torch.long)
+        unet = self.backbone.unet_with_residuals
+        conditional = unet(noisy, steps, text_emb.to(noisy).expand(v, -1, -1))
+        unconditional = unet(noisy, steps, uncond_emb.to(noisy).expand(v, -1, -1))
+        return guided(unconditional, conditional, guidance_scale)
 
     def training_losses(
         self,
         latents: Float[Tensor, "V c h w"],
         cameras: Cameras,
-        novel_latents: Float[Tensor, "W c h w"] | None,
+        novel_latents: Float[Tensor, "N c h w"] | None,
         novel: Cameras | None,
         prompt: str,
         generator: torch.Generator | None = None,
@@ -313,7 +356,7 @@ class TuneMV3DModel(Model):
             generator: source of the initial noise.
             modulate: False samples every view independently with the frozen UNet (the baseline).
             callback: called after every step with ``(index, timestep, state)``; ``state`` holds ``latents``
-                (``x_t`` after the step), ``x0`` (the field's prediction) and ``density`` of the step.
+                (``x_t`` after the step) and, with ``modulate``, the field's ``x0``, ``depth`` and ``accumulation``.
 
         Returns:
             ``latents`` ``[V, c, h, w]`` (the final ``x_0``), ``images`` ``[V, 3, H, W]`` (decoded), and with
@@ -329,7 +372,10 @@ class TuneMV3DModel(Model):
         uncond = backbone.text_embeddings("")[:1]
         latent = self.latent_cameras(cameras)
         height, width = int(latent.height.reshape(-1)[0]), int(latent.width.reshape(-1)[0])
-        scheduler: Any = DDIMScheduler.from_config(backbone.scheduler.config, clip_sample=False)
+        # the backbone returns noise whatever the model predicts (v-prediction is converted)
+        scheduler: Any = DDIMScheduler.from_config(
+            backbone.scheduler.config, clip_sample=False, prediction_type="epsilon"
+        )
         scheduler.set_timesteps(self.config.sample_steps if steps is None else steps)
         gen_device = generator.device if generator is not None else torch.device("cpu")
         shape = (len(cameras), int(backbone.latent_channels), height, width)
@@ -342,7 +388,7 @@ class TuneMV3DModel(Model):
                 eps = out["eps"]
                 self.show(out["views"], step)
             else:
-                eps = backbone.predict_noise(x, step, text, guidance_scale=scale, uncond_emb=uncond)
+                eps = self.frozen_prediction(x, step, text, scale, uncond)
             x = scheduler.step(eps, t, x).prev_sample
             if callback is not None:
                 callback(index, step, {"latents": x, **{k: v for k, v in out.items() if isinstance(v, Tensor)}})
@@ -414,7 +460,9 @@ class TuneMV3DModel(Model):
     ) -> tuple[dict[str, float], dict[str, Tensor]]:
         from nerfstudio.utils import colormaps
 
-        image = batch["image"][..., :3].to(outputs["rgb"])
+        image = batch["image"].to(outputs["rgb"])
+        if image.shape[-1] == 4:  # over white, as the views' latents were encoded
+            image = image[..., :3] * image[..., 3:] + (1.0 - image[..., 3:])
         rgb = outputs["rgb"]
         mse = F.mse_loss(rgb, image)
         psnr = float(-10.0 * torch.log10(mse.clamp_min(1e-10)))
@@ -422,6 +470,11 @@ class TuneMV3DModel(Model):
             "img": torch.cat([image, rgb], dim=1),
             "accumulation": colormaps.apply_colormap(outputs["accumulation"]),
         }
+
+
+def guided(unconditional: Tensor, conditional: Tensor, scale: float) -> Tensor:
+    """Classifier-free guidance ``eps_u + s (eps_c - eps_u)``."""
+    return unconditional + scale * (conditional - unconditional)
 
 
 def _concat(a: Cameras, b: Cameras) -> Cameras:

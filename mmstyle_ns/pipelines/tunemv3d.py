@@ -64,10 +64,9 @@ class TuneMV3DPipeline(GuidedPipeline):
         self.show_display_scene()
 
     def display_cameras(self) -> Any:
-        """The display scene's first ``views_per_step`` cameras (those a viewer generation uses)."""
+        """The display scene's cameras a generation uses (``views_per_step`` of them, spread by azimuth)."""
         datamanager: Any = self.datamanager
-        cameras = datamanager.scene_cameras[datamanager.config.display_scene]
-        return cameras[torch.arange(datamanager.config.views_per_step)].to(self.device)
+        return datamanager.display_cameras()
 
     @torch.no_grad()
     def show_display_scene(self) -> None:
@@ -76,12 +75,14 @@ class TuneMV3DPipeline(GuidedPipeline):
         datamanager: Any = self.datamanager
         model: Any = self.model
         index = datamanager.config.display_scene
-        latents = self.scene_latents[index][: datamanager.config.views_per_step].to(self.device)
+        views = datamanager.display_views()
+        cameras = datamanager.display_cameras()
+        latents = self.scene_latents[index][views].to(self.device)
         text = self.backbone.text_embeddings(datamanager.scenes[index].caption)[:1]
         was_training = model.training
         model.eval()
-        model.generation_cameras = self.display_cameras()
-        out = model.interact(latents, 0, text, model.generation_cameras)
+        model.generation_cameras = cameras
+        out = model.interact(latents, 0, text, cameras)
         model.show(out["views"], 0)
         model.train(was_training)
 
@@ -95,7 +96,9 @@ class TuneMV3DPipeline(GuidedPipeline):
             TrainingCallback(
                 where_to_run=[TrainingCallbackLocation.AFTER_TRAIN_ITERATION],
                 update_every_num_iters=self.config.display_every,
-                func=lambda step: self.show_display_scene(),
+                func=lambda step: (
+                    None if getattr(self.model, "showing_generation", False) else self.show_display_scene()
+                ),
             )
         )
         return callbacks

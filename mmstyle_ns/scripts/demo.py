@@ -140,8 +140,13 @@ def tunemv3d_demo(args: DemoArgs) -> list[Path]:
     start = time.perf_counter()
     trained = yaml.load(args.tunemv3d_run.read_text("utf8"), Loader=yaml.Loader)
     collection = Path(trained.pipeline.datamanager.data)
-    _run([_bin("mmstyle-scene"), "--kind", "toy-collection", "--out", str(collection),
-          "--num-scenes", str(args.tunemv3d_scenes)])  # fmt: skip
+    from mmstyle_ns.data.collection import load_collection
+
+    try:
+        load_collection(collection)  # a collection there already (e.g. the one the run trained on) is kept
+    except ValueError:
+        _run([_bin("mmstyle-scene"), "--kind", "toy-collection", "--out", str(collection),
+              "--num-scenes", str(args.tunemv3d_scenes)])  # fmt: skip
     name = "demo"
     _run([_bin("mmstyle-tunemv3d"), "generate", "--load-config", str(args.tunemv3d_run), "--prompt",
           args.tunemv3d_prompt, "--name", name, "--output-dir", str(args.output_dir), "--overwrite"])  # fmt: skip

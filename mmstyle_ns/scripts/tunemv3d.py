@@ -62,15 +62,10 @@ def _slug(text: str) -> str:
 def generation_cameras(pipeline: Any, num_views: int | None) -> Any:
     """``num_views`` of the display scene's cameras (default: the run's views per step), evenly spread over the
     cameras ordered by azimuth, so that neighbouring views are neighbours on the orbit."""
-    datamanager = pipeline.datamanager
-    cameras = datamanager.scene_cameras[datamanager.config.display_scene]
-    count = datamanager.config.views_per_step if num_views is None else num_views
-    if not 1 <= count <= len(cameras):
-        raise ValueError(f"--num-views {count}: the display scene has {len(cameras)} cameras")
-    position = cameras.camera_to_worlds[:, :, 3]
-    order = torch.argsort(torch.atan2(position[:, 1], position[:, 0]))
-    indices = order[torch.linspace(0, len(cameras), count + 1)[:-1].long()]
-    return cameras[indices].to(pipeline.device)
+    try:
+        return pipeline.datamanager.display_cameras(num_views)
+    except ValueError as error:
+        raise ValueError(f"--num-views: {error}") from None
 
 
 def _depth_images(depth: torch.Tensor, accumulation: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
@@ -135,7 +130,9 @@ def generate(args: GenerateArgs) -> Path:
         field_rgb.permute(0, 2, 3, 1).cpu().numpy(),
         _depth_images(result["depth"], result["accumulation"], size),
     ]
-    target.mkdir(parents=True, exist_ok=True)
+    if target.exists():  # --overwrite: nothing of the old generation may stay (a stale checkpoint would load)
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
     save_png(target / "grid.png", contact_sheet(rows, row_labels=["generated", "field x0", "field depth"]))
     # a run folder of its own: the trained weights with the generated field as the shown state
     models = target / saved.relative_model_dir
