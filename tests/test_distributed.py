@@ -57,7 +57,8 @@ def _train_worker(rank: int, url: str, config: object, out: Path) -> None:
         _, batch = pipeline.datamanager.next_train(0)
         trainer.train()
         state = {k: v for k, v in pipeline.model.state_dict().items() if torch.is_tensor(v)}
-        extra = {"first_batch": batch["indices"], "style_ready": getattr(pipeline, "style_ready", None)}
+        first = batch["indices"] if "indices" in batch else torch.cat([torch.tensor([batch["scene"]]), batch["views"]])
+        extra = {"first_batch": first, "style_ready": getattr(pipeline, "style_ready", None)}
         torch.save({"state": state, **extra}, out / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -99,3 +100,19 @@ def test_two_process_training_keeps_processes_identical(method: str, tiny_scene:
     if method == "mm-nerf":
         assert all(r["style_ready"] for r in results), "the stylization stage was not reached"
     assert any((config.get_base_dir() / "nerfstudio_models").glob("step-*.ckpt")), "rank 0 saved no checkpoint"
+
+
+def test_two_process_training_of_a_multi_scene_method(
+    tiny_collection: Path, tiny_guidance_model: Path, tmp_path: Path
+) -> None:
+    """tunemv3d: each process draws its own scenes and views; both end with the same model."""
+    config = short_run_config("tunemv3d", tiny_collection, tmp_path, iterations=10, guidance_model=tiny_guidance_model)
+    config.machine.num_devices = WORLD
+    config.save_config()
+    mp.spawn(_train_worker, args=(_free_url(), config, tmp_path), nprocs=WORLD)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    assert not torch.equal(results[0]["first_batch"], results[1]["first_batch"]), "processes drew the same views"
+    states = [r["state"] for r in results]
+    assert states[0].keys() == states[1].keys()
+    for key, value in states[0].items():
+        assert torch.equal(value, states[1][key]), f"{key} differs between the processes"
