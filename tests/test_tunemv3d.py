@@ -262,8 +262,8 @@ def test_generation_writes_a_run_that_renders_the_generated_field(trained_run: P
 
     target = generate(GenerateArgs(trained_run, "a purple sphere on grass", steps=2, seed=3))
     assert target.parent == trained_run.parent.parent and (target / "grid.png").is_file()
-    _, pipeline, _, _ = eval_setup(target / "config.yml", test_mode="inference")
-    _, trained, _, _ = eval_setup(trained_run, test_mode="inference")
+    pipeline: Any = eval_setup(target / "config.yml", test_mode="inference")[1]
+    trained: Any = eval_setup(trained_run, test_mode="inference")[1]
     camera = pipeline.datamanager.eval_dataset.cameras[0:1].to(pipeline.device)
     with torch.no_grad():
         shown = pipeline.model.get_outputs_for_camera(camera)["rgb"]
@@ -332,7 +332,7 @@ def test_viewer_prompt_and_generate_button_replace_the_shown_field(trained_run: 
 
     from nerfstudio.utils.eval_utils import eval_setup
 
-    _, pipeline, _, _ = eval_setup(trained_run, test_mode="test")
+    pipeline: Any = eval_setup(trained_run, test_mode="test")[1]
     model = pipeline.model
     assert model.generation_cameras is not None and model.views_t == 0  # the display scene, aggregated at t = 0
     # nerfstudio's evaluation: the loss on held-out scenes, and the display scene's held-out image through the field
@@ -361,7 +361,7 @@ def test_export_writes_a_weights_only_run_that_renders_the_same(trained_run: Pat
     assert set(torch.load(checkpoint, map_location="cpu", weights_only=True)) == {"step", "pipeline"}
     renders = []
     for config in (trained_run, exported):
-        _, pipeline, _, _ = eval_setup(config, test_mode="inference")
+        pipeline: Any = eval_setup(config, test_mode="inference")[1]
         camera = pipeline.datamanager.eval_dataset.cameras[0:1].to(pipeline.device)
         with torch.no_grad():
             renders.append(pipeline.model.get_outputs_for_camera(camera)["rgb"])

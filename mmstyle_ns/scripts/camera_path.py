@@ -12,6 +12,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tyro
@@ -51,9 +52,9 @@ def load_run_cameras(config_path: Path) -> tuple[np.ndarray, float, int, int]:
     config = yaml.load(config_path.read_text(), Loader=yaml.Loader)
     datamanager = config.pipeline.datamanager
     data = Path(datamanager.data or datamanager.dataparser.data)
-    shown = getattr(datamanager, "display_folder", None)
+    shown: Any = getattr(datamanager, "display_folder", None)
     if callable(shown):  # a collection of scenes: the one the run shows
-        data = Path(shown())
+        data = Path(str(shown()))
     meta_path = data if data.suffix == ".json" else data / "transforms.json"
     meta = json.loads(meta_path.read_text())
     c2ws = np.array([frame["transform_matrix"] for frame in meta["frames"]], dtype=np.float64)
