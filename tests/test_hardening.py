@@ -130,6 +130,8 @@ def test_ns_train_with_a_bad_data_folder_writes_nothing(
         "no_transforms": "no transforms.json",
         "bad_transforms": "transforms.json cannot be read",
     }[data]
+    if method == "tunemv3d" and data != "missing":  # a collection of scenes: its index is what is missing
+        fragment = f"{folder / 'collection.json'} not found"
     assert stopped.value.code == 2 and f"Cannot train {method}: --data {folder}: {fragment}" in text
     assert "Traceback" not in text
     assert not (tmp_path / "runs").exists(), "config.yml was written"

@@ -67,6 +67,11 @@ class SceneSetDataManagerConfig(FullImageDatamanagerConfig):
             raise DataFolderError(
                 "pass --data <a scene collection folder> (written by mmstyle-scene --kind toy-collection)"
             )
+        if not Path(self.data).exists():
+            raise DataFolderError(
+                f"--data {self.data}: the data folder does not exist; pass --data <a scene collection folder> "
+                "(written by mmstyle-scene --kind toy-collection)"
+            )
         try:
             scenes = load_collection(self.data)
         except ValueError as error:
