@@ -12,7 +12,7 @@ Design:
   front of the camera and inside its image) and the fraction of views that do, as SparseNeuS and IBRNet do; the
   result does not depend on the order of the views.
 * **Point encoding as the supplement gives it**: ``gamma(p) = (sin(2^k w p), cos(2^k w p))_{k<M}`` with ``M = 6``
-  and scale ``w``, concatenated with ``p`` and the (not encoded) view direction ``d``.
+  and scale ``w``, concatenated with ``p``; the (not encoded) view direction ``d`` enters the value head only.
 * **ResnetFC** blocks (pixelNeRF's) with the timestep embedding added in every block.
 * **Volume density, not an SDF.** The supplement's NeuS renders an SDF; here the field predicts a density
   (softplus) and is rendered with nerfstudio's samplers and weights. At our scale a density converged faster and
