@@ -327,7 +327,8 @@ def resumed(tiny_scene: Path, tmp_path_factory: pytest.TempPathFactory) -> Resum
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline and child.poll() is None:
-            if progress.exists() and progress.read_text().strip() and int(progress.read_text()) >= KILL_AT:
+            text = progress.read_text().strip() if progress.exists() else ""  # read once: the child rewrites it
+            if text.isdigit() and int(text) >= KILL_AT:
                 break
             time.sleep(0.02)
         assert child.poll() is None, f"the run ended before it was killed: {log.read_text()[-2000:]}"
