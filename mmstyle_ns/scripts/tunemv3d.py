@@ -137,7 +137,7 @@ def generate(args: GenerateArgs) -> Path:
     # a run folder of its own: the trained weights with the generated field as the shown state
     models = target / saved.relative_model_dir
     models.mkdir(exist_ok=True)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = torch.load(checkpoint, map_location="cpu")  # torch's weights_only default, safe globals registered
     state["pipeline"] = {f"_model.{k}": v for k, v in model.state_dict().items()}
     torch.save(state, models / f"step-{step:09d}.ckpt")
     (target / "config.yml").write_text(yaml.dump(saved), "utf8")
@@ -201,7 +201,7 @@ def export(args: ExportArgs) -> Path:
     target = saved.get_base_dir()
     if target.exists() and not args.overwrite:
         raise RunConfigError(f"{target} exists already; pass --overwrite to replace it")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = torch.load(checkpoint, map_location="cpu")  # torch's weights_only default, safe globals registered
     models = target / saved.relative_model_dir
     if models.exists():
         shutil.rmtree(models)
