@@ -1,6 +1,7 @@
 """Benchmark: held-out PSNR against wall-clock training time for ``mmstyle-base`` and nerfacto (small).
 
-Both methods train on the same embedded 360° scene through nerfstudio's own trainer (its pipeline,
+Both methods train on the same generated scenes (the default object scene, the forward-facing one and the
+unbounded one) through nerfstudio's own trainer (its pipeline,
 optimizers and callbacks, one iteration at a time); the clock runs only while training, and every
 ``--eval-every`` seconds all held-out views are rendered and scored. Prints one table per method, the
 time each reached 25 / 30 dB, the PSNR at 30 s and 120 s, and the process's peak memory.
@@ -78,25 +79,9 @@ def time_to(rows: list[tuple[float, int, float]], psnr: float) -> float:
     return next((r[0] for r in rows if r[2] >= psnr), float("nan"))
 
 
-class _NoLPIPS(torch.nn.Module):
-    """Stands in for nerfacto's LPIPS network, whose AlexNet weights would be downloaded when the model is built.
-
-    The benchmark scores PSNR only, so LPIPS is never evaluated; using it fails loudly.
-    """
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__()
-
-    def forward(self, *args: object) -> torch.Tensor:
-        raise RuntimeError("LPIPS is not available in this benchmark")
-
-
 def nerfacto_small(max_steps: int) -> TrainerConfig:
     """nerfacto with the small CPU settings (512 rays, 2^14 table, 8 levels, hidden 32, torch hash grid)."""
-    import torchmetrics.image.lpip as lpip_module
     from nerfstudio.configs.method_configs import method_configs
-
-    lpip_module.LearnedPerceptualImagePatchSimilarity = _NoLPIPS  # type: ignore[misc]  # nerfacto imports it late
     from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManagerConfig
     from nerfstudio.models.nerfacto import NerfactoModelConfig
 
@@ -133,6 +118,12 @@ class Args:
     """Views in the generated scene (every 8th held out)."""
     skip_nerfacto: bool = False
     """Only benchmark the base field."""
+    kinds: tuple[str, ...] = ("object360", "forward", "unbounded")
+    """Scene kinds (of mmstyle-scene), one run of each method per scene."""
+    seeds: tuple[int, ...] = (0, 9173, 0)
+    """Seed of each scene (one per kind)."""
+    base_options: tuple[str, ...] = ()
+    """Extra mmstyle-base model options as name=value pairs (e.g. unbounded=off), for ablations."""
 
 
 def main(args: Args) -> None:
@@ -141,31 +132,47 @@ def main(args: Args) -> None:
     )
 
     from mmstyle_ns.data.scene import generate_scene
+    from mmstyle_ns.fields.nerfacto_geometry import without_lpips
 
+    if len(args.seeds) != len(args.kinds):
+        raise SystemExit("--seeds needs one seed per --kinds entry")
     torch.set_num_threads(2)
+    results: dict[tuple[str, str], list[tuple[float, int, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        data = generate_scene("object360", Path(tmp) / "scene", num_views=args.num_views, resolution=args.resolution)
-        results = {}
-        methods = {"mmstyle-base": base_config()}  # its own (default) learning-rate schedule
-        if not args.skip_nerfacto:
-            methods["nerfacto-small"] = nerfacto_small(100_000)
-        for name, config in methods.items():
-            config.pipeline.datamanager.data = data
-            config.output_dir = Path(tmp) / "runs"
-            config.vis = "tensorboard"
-            config.steps_per_save = 10**9
-            config.steps_per_eval_batch = config.steps_per_eval_image = config.steps_per_eval_all_images = 10**9
-            print(f"{name} at {args.resolution}x{args.resolution}:", flush=True)
-            results[name] = train_for(config, args.seconds, args.eval_every)
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-            print(f"  process peak RSS so far: {peak:.2f} GB")
+        for kind, seed in zip(args.kinds, args.seeds, strict=True):
+            data = generate_scene(
+                kind, Path(tmp) / f"{kind}-{seed}", num_views=args.num_views, resolution=args.resolution, seed=seed
+            )
+            methods = {"mmstyle-base": base_config()}  # its own (default) learning-rate schedule
+            for option in args.base_options:
+                name, value = option.split("=", 1)
+                current = getattr(methods["mmstyle-base"].pipeline.model, name)
+                setattr(methods["mmstyle-base"].pipeline.model, name, type(current)(value))
+            if not args.skip_nerfacto:
+                methods["nerfacto-small"] = nerfacto_small(100_000)
+            for name, config in methods.items():
+                config.pipeline.datamanager.data = data
+                config.output_dir = Path(tmp) / "runs"
+                config.vis = "tensorboard"
+                config.steps_per_save = 10**9
+                config.steps_per_eval_batch = config.steps_per_eval_image = config.steps_per_eval_all_images = 10**9
+                print(f"{name} on {kind} (seed {seed}) at {args.resolution}x{args.resolution}:", flush=True)
+                with without_lpips():  # nerfacto's LPIPS network would download AlexNet weights; only PSNR is scored
+                    results[(kind, name)] = train_for(config, args.seconds, args.eval_every)
+                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+                print(f"  process peak RSS so far: {peak:.2f} GB")
     print(f"\nresolution {args.resolution}  ({torch.get_num_threads()} threads)")
-    print(f"{'method':16s} {'PSNR@30s':>9s} {'PSNR@120s':>10s} {'t(25dB)':>8s} {'t(30dB)':>8s} {'final':>7s}")
-    for name, rows in results.items():
+    header = f"{'scene':10s} {'method':16s} {'PSNR@30s':>9s} {'PSNR@120s':>10s} {'t(25dB)':>8s} {'t(30dB)':>8s}"
+    print(header + f" {'final':>7s}")
+    for (kind, name), rows in results.items():
         print(
-            f"{name:16s} {psnr_at(rows, 30):9.2f} {psnr_at(rows, 120):10.2f} {time_to(rows, 25):8.1f} "
+            f"{kind:10s} {name:16s} {psnr_at(rows, 30):9.2f} {psnr_at(rows, 120):10.2f} {time_to(rows, 25):8.1f} "
             f"{time_to(rows, 30):8.1f} {rows[-1][2]:7.2f}"
         )
+    for kind in args.kinds:
+        if (kind, "nerfacto-small") in results:
+            lead = psnr_at(results[(kind, "mmstyle-base")], 120) - psnr_at(results[(kind, "nerfacto-small")], 120)
+            print(f"{kind}: mmstyle-base leads nerfacto-small by {lead:+.2f} dB at 120 s")
 
 
 if __name__ == "__main__":

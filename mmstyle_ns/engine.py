@@ -254,11 +254,12 @@ class MMStyleTrainerConfig(TrainerConfig):
 
     def check_inputs(self) -> None:
         """Checks the data folder and the pipeline's inputs; one message and exit status 2 when they are wrong."""
-        from mmstyle_ns.pipelines.base import check_data_folder
+        from mmstyle_ns.pipelines.base import check_data_folder, check_geometry_from
 
         try:
             check_load_paths(self)
             check_data_folder(self.pipeline.datamanager)
+            check_geometry_from(self.pipeline)
             check = getattr(self.pipeline, "check_inputs", None)
             if callable(check):
                 check()

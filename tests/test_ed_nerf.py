@@ -449,5 +449,8 @@ def test_geometry_from_a_folder_without_checkpoints_fails_before_anything_is_wri
 ) -> None:
     config = short_run_config("ed-nerf", tiny_scene, tmp_path, guidance_model=tiny_guidance_model)
     config.pipeline.model.geometry_from = tmp_path / "nowhere"
-    with pytest.raises(ValueError, match="geometry-from"):
-        config.pipeline.check_inputs()
+    config.set_timestamp()
+    with pytest.raises(SystemExit) as raised:
+        config.save_config()  # what ns-train does first: check every input, then write config.yml
+    assert raised.value.code == 2
+    assert not config.get_base_dir().exists()

@@ -338,6 +338,38 @@ class Light:
 
 
 @dataclass(frozen=True)
+class Sky:
+    """A sky for rays that hit nothing: a gradient from the horizon to the zenith with soft procedural clouds."""
+
+    zenith: tuple[float, float, float] = (0.25, 0.45, 0.85)
+    """Colour straight up."""
+    horizon: tuple[float, float, float] = (0.78, 0.86, 0.95)
+    """Colour at (and below) the horizon."""
+    cloud_phase: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    """Phases of the cloud pattern (different seeds give different clouds)."""
+    cloud_cover: float = 0.45
+    """Share of the sky covered by clouds, roughly."""
+
+    def color(self, d: np.ndarray) -> np.ndarray:
+        """Colour ``[R, 3]`` seen along unit directions ``d`` ``[R, 3]`` (world up ``+z``)."""
+        up = np.clip(d[:, 2], 0.0, 1.0)
+        t = np.sqrt(up)[:, None]
+        base = (1.0 - t) * np.asarray(self.horizon) + t * np.asarray(self.zenith)
+        azimuth = np.arctan2(d[:, 1], d[:, 0])
+        elevation = np.arcsin(np.clip(d[:, 2], -1.0, 1.0))
+        a, b, c = self.cloud_phase
+        pattern = (
+            np.sin(3.0 * azimuth + a) * np.cos(7.0 * elevation + b)
+            + 0.6 * np.sin(7.0 * azimuth - 4.0 * elevation + c)
+            + 0.35 * np.sin(13.0 * azimuth + 11.0 * elevation + a + c)
+        )
+        cloud = _smoothstep(pattern, 1.0 - 2.0 * self.cloud_cover, 1.6 - 2.0 * self.cloud_cover)
+        cloud *= _smoothstep(up, 0.02, 0.15)  # clouds thin out towards the horizon
+        white = np.array([0.97, 0.97, 0.98])
+        return ((1.0 - cloud)[:, None] * base + cloud[:, None] * white).astype(np.float32)
+
+
+@dataclass(frozen=True)
 class Scene:
     """Primitives, their materials, lighting and the background colour."""
 
@@ -348,7 +380,9 @@ class Scene:
     light: Light = field(default_factory=Light)
     """Lighting."""
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    """Colour of rays that hit nothing."""
+    """Colour of rays that hit nothing (when there is no sky)."""
+    sky: Sky | None = None
+    """Colour of rays that hit nothing, by direction (replaces ``background``)."""
 
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """Axis-aligned bounding box ``([3], [3])`` of all primitives."""
@@ -416,7 +450,10 @@ def shade(scene: Scene, o: np.ndarray, d: np.ndarray, specular: bool = True) -> 
     """
     t, index, part = intersect(scene, o, d)
     rgb = np.empty((len(o), 3), dtype=np.float32)
-    rgb[:] = np.asarray(scene.background, dtype=np.float32)
+    if scene.sky is not None:
+        rgb[:] = scene.sky.color(d)
+    else:
+        rgb[:] = np.asarray(scene.background, dtype=np.float32)
     hit = np.flatnonzero(np.isfinite(t))
     if len(hit) == 0:
         return rgb, t

@@ -4,15 +4,18 @@ Four kinds of scene are available (see :data:`SCENE_KINDS`):
 
 * ``object360``: textured objects on a textured ground disc, cameras on an upper sphere cap looking inwards.
 * ``forward``: a textured back wall and objects on a floor, cameras on a small planar grid all facing ``+y``.
+* ``unbounded``: an outdoor scene without bounds: a ground that goes on to the horizon, a sky with clouds, objects
+  near the middle and landmarks (towers, houses, rocks) out to about 60 units away; cameras orbit low around the
+  middle looking at it. Written without alpha (full frames, like a photo capture).
 * ``head``: a head whose face carries a public-domain portrait, cameras orbiting at head height.
 * ``toy``: the toy teacher's world in 3-D, described by a caption such as ``"two shiny blue cylinders on grass"``
   (grammar in :mod:`mmstyle_ns.teacher.vocab`): one to three plain-coloured spheres, cubes or cylinders on a
   ground disc, cameras orbiting like the teacher world's camera. Only photo captions (no style prefix) apply.
 
-All content lies inside roughly ``[-1, 1]^3`` with world up ``+z``. Everything is deterministic for a given
-set of arguments. :func:`generate_scene` writes ``transforms.json`` (nerfstudio ``nerfstudio-data`` format,
-OpenGL camera-to-world poses), 8-bit RGB PNG images, 16-bit PNG z-depth in millimetres and ``scene.json``
-with metadata. :func:`render_views` renders arbitrary poses of a scene, e.g. for evaluation.
+Content lies inside roughly ``[-1, 1]^3`` (except for the ``unbounded`` kind) with world up ``+z``. Everything
+is deterministic for a given set of arguments. :func:`generate_scene` writes ``transforms.json`` (nerfstudio
+``nerfstudio-data`` format, OpenGL camera-to-world poses), 8-bit RGB PNG images, 16-bit PNG z-depth in millimetres
+and ``scene.json`` with metadata. :func:`render_views` renders arbitrary poses of a scene, e.g. for evaluation.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from mmstyle_ns.teacher import vocab
 GENERATOR_VERSION = "1.0"
 """Bumped whenever the rendered content of a scene changes."""
 
-SCENE_KINDS = ("object360", "forward", "head", "toy")
+SCENE_KINDS = ("object360", "forward", "unbounded", "head", "toy")
 """Supported scene kinds."""
 
 DEPTH_UNIT = 1e-3
@@ -223,6 +226,68 @@ def _forward(seed: int) -> SceneSetup:
     )
 
 
+_UNBOUNDED_GROUND_Z = -0.35
+"""Height of the unbounded scene's ground."""
+
+
+def _unbounded(seed: int) -> SceneSetup:
+    rng = np.random.default_rng([seed, 2])
+    b = _Builder()
+    ground = _UNBOUNDED_GROUND_Z
+    hue = float(rng.uniform(0.2, 0.4))  # a green-to-olive ground
+    near_tex = str(rng.choice(["gravel", "grass"]))
+    b.add(
+        "ground_near",
+        lambda m: rt.Disc((0.0, 0.0, ground), 1.6, m),
+        rt.Material(texture=near_tex, tint=_colour(rng, hue, sat=(0.2, 0.35), val=1.0), repeat=(4.0, 4.0)),
+    )
+    # The ground beyond goes on to the horizon (a disc far larger than anything the cameras resolve), a little
+    # lower so that the near disc covers it; coarser texture, so that the horizon does not alias into noise.
+    b.add(
+        "ground_far",
+        lambda m: rt.Disc((0.0, 0.0, ground - 1e-3), 2000.0, m),
+        rt.Material(texture="grass", tint=_colour(rng, hue, sat=(0.3, 0.45), val=0.9), repeat=(400.0, 400.0)),
+    )
+    offset = rng.uniform(0, 2 * np.pi)
+    spots = []
+    for k in range(4):
+        a = offset + k * np.pi / 2 + rng.uniform(-0.25, 0.25)
+        rad = rng.uniform(0.3, 0.45)
+        spots.append((float(rad * np.cos(a)), float(rad * np.sin(a))))
+    _add_objects(b, rng, spots, ground, 0.7, hue)
+    # Landmarks all around, from just outside the middle to far away: their size grows with the distance.
+    count = 12
+    azimuths = rng.permutation(count) * 2 * np.pi / count + rng.uniform(-0.2, 0.2, count)
+    distances = np.geomspace(3.0, 60.0, count)
+    for k, (az, dist) in enumerate(zip(azimuths, distances, strict=True)):
+        x, y = float(dist * np.cos(az)), float(dist * np.sin(az))
+        size = float(dist * rng.uniform(0.06, 0.1))
+        colour = _colour(rng, float(rng.uniform()), sat=(0.35, 0.7), val=0.85)
+        kind = k % 3
+        if kind == 0:  # a tower
+            b.add(
+                f"tower_{k}",
+                lambda m, x=x, y=y, r=size * 0.35, h=size * 2.5: rt.Cylinder((x, y), ground, ground + h, r, m),
+                rt.Material(texture="brick", tint=colour, repeat=(3.0, 3.0)),
+            )
+        elif kind == 1:  # a house
+            b.add(
+                f"house_{k}",
+                lambda m, x=x, y=y, h=size: rt.Box((x - h, y - 0.7 * h, ground), (x + h, y + 0.7 * h, ground + h), m),
+                rt.Material(texture=str(rng.choice(["rocket", "coffee", "chelsea"])), tint=(1.0, 1.0, 1.0)),
+            )
+        else:  # a rock
+            b.add(
+                f"rock_{k}",
+                lambda m, x=x, y=y, r=size * 0.8: rt.sphere((x, y, ground + 0.5 * r), r, m),
+                rt.Material(texture="gravel", tint=colour, repeat=(2.0, 1.0)),
+            )
+    sky = rt.Sky(cloud_phase=tuple(float(v) for v in rng.uniform(0, 2 * np.pi, 3)))  # type: ignore[arg-type]
+    light = _light(rng, elevation_deg=50.0)
+    scene = rt.Scene(tuple(b.primitives), tuple(b.materials), light=light, background=sky.horizon, sky=sky)
+    return SceneSetup("unbounded", seed, scene, np.array([0.0, 0.0, -0.15]), 2.2, 60.0, b.objects)
+
+
 def _head(seed: int, portrait: str) -> SceneSetup:
     if portrait not in PORTRAIT_NAMES:
         raise ValueError(f"unknown portrait {portrait!r}; expected one of {', '.join(PORTRAIT_NAMES)}")
@@ -373,6 +438,8 @@ def build_scene(
         raise ValueError(f"a caption only applies to the toy scene kind, not to {kind!r}")
     if kind == "object360":
         return _object360(seed)
+    if kind == "unbounded":
+        return _unbounded(seed)
     if kind == "forward":
         return _forward(seed)
     if kind == "toy":
@@ -385,6 +452,9 @@ def make_cameras(setup: SceneSetup, num_views: int) -> np.ndarray:
     rng = np.random.default_rng([setup.seed, 99, num_views])
     if setup.kind == "object360":
         poses, _, _ = cam.orbit_poses(num_views, setup.camera_radius, setup.center, (15.0, 60.0), rng)
+    elif setup.kind == "unbounded":
+        # Low orbits: the horizon and the sky are in every view.
+        poses, _, _ = cam.orbit_poses(num_views, setup.camera_radius, setup.center, (4.0, 25.0), rng)
     elif setup.kind == "toy":
         # The toy teacher world's camera: 15-50 degrees above the objects, all the way round.
         poses, _, _ = cam.orbit_poses(num_views, setup.camera_radius, setup.center, (15.0, 50.0), rng)
@@ -529,8 +599,11 @@ def generate_scene(
         rgb, alpha, depth = rt.render_rgba(setup.scene, c2w, k, resolution, resolution, supersample, specular)
         name = f"frame_{i + 1:05d}.png"
         # RGBA: the alpha channel lets trainers composite over random backgrounds, which teaches empty space.
-        rgba = np.concatenate([rt.unpremultiply(rgb, alpha, setup.scene.background), alpha[..., None]], axis=-1)
-        Image.fromarray((rgba * 255.0 + 0.5).astype(np.uint8), mode="RGBA").save(out_dir / "images" / name)
+        if setup.scene.sky is not None:  # full frames: there is no empty space to mark
+            Image.fromarray((rgb * 255.0 + 0.5).astype(np.uint8), mode="RGB").save(out_dir / "images" / name)
+        else:
+            rgba = np.concatenate([rt.unpremultiply(rgb, alpha, setup.scene.background), alpha[..., None]], axis=-1)
+            Image.fromarray((rgba * 255.0 + 0.5).astype(np.uint8), mode="RGBA").save(out_dir / "images" / name)
         depth_mm = np.clip(np.round(depth.astype(np.float64) / DEPTH_UNIT), 0, 65535).astype(np.uint16)
         Image.fromarray(depth_mm).save(out_dir / "depths" / name)
         frame = {

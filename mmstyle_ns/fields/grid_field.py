@@ -7,6 +7,12 @@ trilinear weights), which on CPU is several times faster than 3-D ``grid_sample`
 
 The grids grow coarse-to-fine: :meth:`DenseGridField.regrid` resamples them to a new resolution over a new
 (usually tighter) box, which is how the model crops the grid to the occupied part of the scene.
+
+For scenes that extend beyond the box (a ground to the horizon, a sky), :meth:`DenseGridField.contract_space`
+switches the grids to mip-NeRF 360's scene contraction with the L-infinity norm (as nerfacto uses it): an inner box
+keeps its linear coordinates and everything outside it is squeezed into a shell around it, so one dense grid over
+``[-2, 2]^3`` covers all of space, with voxels that grow with the distance. The grids then live in these
+*grid coordinates* (:meth:`DenseGridField.to_grid`); for a bounded field they are world coordinates.
 """
 
 from __future__ import annotations
@@ -34,6 +40,27 @@ def voxel_size_for(aabb: Float[Tensor, "2 3"], resolution: int) -> float:
     """Edge length of one voxel of a grid with ``resolution`` vertices along the longest side of ``aabb``."""
     dims = torch.tensor(grid_shape_for(aabb, resolution), dtype=aabb.dtype)
     return float(((aabb[1] - aabb[0]) / (dims - 1)).max())
+
+
+def contract(x: Float[Tensor, "N 3"], inner: float = 1.0) -> Float[Tensor, "N 3"]:
+    """Scene contraction with the L-infinity norm into ``[-2, 2]^3``.
+
+    With ``inner = 1`` this is mip-NeRF 360's (nerfstudio's ``SceneContraction(order=inf)``): identity inside
+    ``[-1, 1]^3`` and ``(2 - 1/|x|) x/|x|`` outside. A larger ``inner`` (below 2) gives the box ``[-1, 1]^3`` more of
+    the grid: it is scaled to ``[-inner, inner]^3`` and the rest of space fills the shell out to 2,
+    ``(inner + (2 - inner)(1 - 1/|x|)) x/|x|``.
+    """
+    norm = x.abs().amax(-1, keepdim=True).clamp_min(1.0)
+    outer = (inner + (2.0 - inner) * (1.0 - 1.0 / norm)) * (x / norm)
+    return torch.where(norm > 1.0, outer, inner * x)
+
+
+def uncontract(y: Float[Tensor, "N 3"], inner: float = 1.0, max_radius: float = 1e4) -> Float[Tensor, "N 3"]:
+    """Inverse of :func:`contract`; points on the outer boundary (infinitely far) map to ``max_radius``."""
+    rho = y.abs().amax(-1, keepdim=True)
+    shell = ((rho - inner) / (2.0 - inner)).clamp(0.0, 1.0 - 1.0 / max_radius)
+    radius = 1.0 / (1.0 - shell)
+    return torch.where(rho > inner, y / rho.clamp_min(1e-12) * radius, y / inner)
 
 
 def trilinear_corners(
@@ -114,8 +141,15 @@ class DenseGridField(Field):
     """
 
     aabb: Tensor
+    """Box the grids span, in grid coordinates (world coordinates unless contracted)."""
     grid_dims: Tensor
     density_scale: Tensor
+    contracted: Tensor
+    """Whether the grids use scene contraction (a bool buffer, so checkpoints remember it)."""
+    contraction_box: Tensor
+    """World box that keeps linear coordinates when contracted (``[-inner, inner]^3`` of the grid coordinates)."""
+    contraction_inner: Tensor
+    """Grid half-extent given to the contraction box (``inner`` of :func:`contract`)."""
 
     def __init__(
         self,
@@ -142,6 +176,9 @@ class DenseGridField(Field):
             feature_dim = out_channels * self.sh_coefficients
         self.feature_dim = feature_dim
         self.register_buffer("aabb", aabb.clone().float())
+        self.register_buffer("contracted", torch.tensor(False))
+        self.register_buffer("contraction_box", aabb.clone().float())
+        self.register_buffer("contraction_inner", torch.tensor(1.0))
         self.register_buffer("grid_dims", torch.tensor(grid_shape_for(self.aabb, resolution)))
         vertices = int(self.grid_dims.prod())
         # Density is exp(raw + shift) per coarse voxel: multiplicative steps let a few optimizer steps take a
@@ -167,21 +204,61 @@ class DenseGridField(Field):
         dims = self.grid_dims.tolist()
         return (int(dims[0]), int(dims[1]), int(dims[2]))
 
-    def vertex_positions(self) -> Float[Tensor, "V 3"]:
-        """World position of every grid vertex, in the row order of the grid tables."""
+    def vertex_grid_positions(self) -> Float[Tensor, "V 3"]:
+        """Grid coordinates of every grid vertex, in the row order of the grid tables."""
         axes = [
             torch.linspace(float(self.aabb[0, i]), float(self.aabb[1, i]), n, device=self.aabb.device)
             for i, n in enumerate(self.shape)
         ]
         return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
 
+    def vertex_positions(self) -> Float[Tensor, "V 3"]:
+        """World position of every grid vertex, in the row order of the grid tables."""
+        return self.from_grid(self.vertex_grid_positions())
+
+    def to_grid(self, positions: Float[Tensor, "N 3"]) -> Float[Tensor, "N 3"]:
+        """Grid coordinates of world positions (the same positions unless the field is contracted)."""
+        if not bool(self.contracted):
+            return positions
+        centre = (self.contraction_box[0] + self.contraction_box[1]) / 2
+        half = (self.contraction_box[1] - self.contraction_box[0]) / 2
+        return contract((positions - centre) / half, float(self.contraction_inner))
+
+    def from_grid(self, points: Float[Tensor, "N 3"]) -> Float[Tensor, "N 3"]:
+        """World positions of grid coordinates (inverse of :meth:`to_grid`)."""
+        if not bool(self.contracted):
+            return points
+        centre = (self.contraction_box[0] + self.contraction_box[1]) / 2
+        half = (self.contraction_box[1] - self.contraction_box[0]) / 2
+        return uncontract(points, float(self.contraction_inner)) * half + centre
+
+    def contraction_half_size(self) -> float:
+        """World length of one grid-coordinate unit inside the contraction box (1 when not contracted)."""
+        if not bool(self.contracted):
+            return 1.0
+        return float(((self.contraction_box[1] - self.contraction_box[0]) / 2).max()) / float(self.contraction_inner)
+
+    def vertex_length_scale(self) -> Float[Tensor, "X Y Z"]:
+        """World length per voxel length at every vertex, relative to :meth:`voxel_size`: 1 everywhere for a
+        bounded field; ``r**2 inner / (2 - inner)`` at L-infinity radius ``r > 1`` (in box units) of a contracted one
+        (the contraction's radial squeeze), so that a far voxel's opacity accounts for the stretch of space it
+        stands for."""
+        if not bool(self.contracted):
+            return torch.ones(self.shape, device=self.aabb.device)
+        inner = float(self.contraction_inner)
+        rho = self.vertex_grid_positions().abs().amax(-1)
+        shell = ((rho - inner) / (2.0 - inner)).clamp(0.0, 1.0 - 1e-4)
+        radius = 1.0 / (1.0 - shell)
+        return torch.where(rho > inner, radius.square() * inner / (2.0 - inner), 1.0).view(self.shape)
+
     def voxel_size(self) -> float:
-        """Edge length of one (cubic) voxel in world units."""
-        return float(((self.aabb[1] - self.aabb[0]) / (self.grid_dims - 1).float()).max())
+        """Edge length of one (cubic) voxel in world units (inside the contraction box when contracted)."""
+        grid_voxel = float(((self.aabb[1] - self.aabb[0]) / (self.grid_dims - 1).float()).max())
+        return grid_voxel * self.contraction_half_size()
 
     def corners(self, positions: Float[Tensor, "N 3"]) -> tuple[Int[Tensor, "N 8"], Float[Tensor, "N 8"]]:
         """Interpolation corners of world-space positions (share them between density and features)."""
-        return trilinear_corners(positions, self.aabb, self.shape)
+        return trilinear_corners(self.to_grid(positions), self.aabb, self.shape)
 
     def density_from_corners(self, index: Int[Tensor, "N 8"], weights: Float[Tensor, "N 8"]) -> Float[Tensor, "N 1"]:
         """Density (per unit length) from precomputed interpolation corners."""
@@ -246,7 +323,45 @@ class DenseGridField(Field):
             torch.linspace(float(aabb[0, i]), float(aabb[1, i]), n, device=aabb.device) for i, n in enumerate(new_shape)
         ]
         points = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)  # new grid's vertices
-        index, weights = self.corners(points)
+        self._resample(trilinear_corners(points, self.aabb, self.shape))
+        self.aabb.copy_(aabb)
+        self.grid_dims.copy_(torch.tensor(new_shape))
+
+    @torch.no_grad()
+    def contract_space(self, box: Float[Tensor, "2 3"], resolution: int, inner: float = 1.0) -> None:
+        """Switches the grids to scene contraction around the world box ``box`` (which keeps linear coordinates):
+        afterwards they span ``[-2, 2]^3`` of grid coordinates, i.e. all of space, with ``resolution`` vertices
+        per side, resampled from the current grids (whose values outside their own box extend outwards), with the
+        densities beyond the contraction box divided by the length of space each of their voxels spans.
+
+        The density scale follows the new (inner) voxel size, so a raw grid value keeps its opacity per voxel.
+        Like :meth:`regrid`, this replaces the grid parameters.
+        """
+        if bool(self.contracted):
+            raise ValueError("the field is already contracted")
+        if not 0.0 < inner < 2.0:
+            raise ValueError(f"the contraction box's share of the grid must lie in (0, 2), got {inner}")
+        box = box.to(self.aabb)
+        new_aabb = torch.tensor([[-2.0] * 3, [2.0] * 3], device=self.aabb.device)
+        new_shape = grid_shape_for(new_aabb, resolution)
+        axes = [torch.linspace(-2.0, 2.0, n, device=self.aabb.device) for n in new_shape]
+        points = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
+        centre, half = (box[0] + box[1]) / 2, (box[1] - box[0]) / 2
+        self._resample(trilinear_corners(uncontract(points, inner) * half + centre, self.aabb, self.shape))
+        self.contraction_inner.fill_(inner)
+        self.aabb.copy_(new_aabb)
+        self.grid_dims.copy_(torch.tensor(new_shape))
+        self.contraction_box.copy_(box)
+        self.contracted.fill_(True)
+        self.density_scale.fill_(1.0 / self.voxel_size())
+        # A far voxel stands for a long stretch of space: divide its density by that length, so that every voxel
+        # starts with the opacity it had (otherwise the far shell starts nearly opaque and learns the whole scene
+        # as a backdrop before the content in the box can form).
+        self.density_grid.sub_(self.vertex_length_scale().reshape(-1, 1).log())
+
+    def _resample(self, corners: tuple[Int[Tensor, "V 8"], Float[Tensor, "V 8"]]) -> None:
+        """Replaces both grids by their values at the given interpolation corners (one row per new vertex)."""
+        index, weights = corners
         new_density = torch.cat(
             [
                 trilinear_lookup(self.density_grid, i, w)
@@ -261,10 +376,13 @@ class DenseGridField(Field):
         )
         self.density_grid = nn.Parameter(new_density.contiguous())
         self.feature_grid = nn.Parameter(new_features.contiguous())
-        self.aabb.copy_(aabb)
-        self.grid_dims.copy_(torch.tensor(new_shape))
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        # Runs saved before scene contraction existed are bounded fields.
+        if prefix + "aabb" in state_dict and prefix + "contracted" not in state_dict:
+            state_dict[prefix + "contracted"] = torch.tensor(False)
+            state_dict[prefix + "contraction_box"] = state_dict[prefix + "aabb"].clone()
+            state_dict[prefix + "contraction_inner"] = torch.tensor(1.0)
         # A trained field has a different grid size than a freshly built one: adopt the checkpoint's shapes.
         for name in ("density_grid", "feature_grid"):
             saved = state_dict.get(prefix + name)

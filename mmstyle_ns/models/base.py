@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import nerfacc
@@ -41,6 +42,7 @@ from mmstyle_ns.compat.checkpoints import register_safe_globals
 from mmstyle_ns.distributed import broadcast_module
 from mmstyle_ns.fields.carving import view_support
 from mmstyle_ns.fields.grid_field import DenseGridField, replace_parameters, sync_optimizer_parameters, voxel_size_for
+from mmstyle_ns.fields.nerfacto_geometry import NerfactoGeometry, is_nerfacto_state
 from mmstyle_ns.fields.occupancy import OccupancySampler, PackedSamples, packed_weights
 from mmstyle_ns.losses import packed_distortion_loss
 
@@ -77,6 +79,14 @@ class MMStyleBaseModelConfig(ModelConfig):
     init_from_views: bool = True
     """Before the first step, crop the grid to the region the training cameras see and, when the images have
     an alpha channel, start it empty outside the visual hull of the silhouettes."""
+    unbounded: Literal["auto", "on", "off"] = "auto"
+    """Model space beyond the scene box with scene contraction (mip-NeRF 360's, L-infinity norm): the scene box
+    keeps half of the grid's resolution and all space around it (a ground to the horizon, a sky) is squeezed into
+    the other half. 'auto' contracts when the training images are full frames (no alpha channel, or one without
+    transparent pixels) and keeps the bounded grid for object captures with alpha."""
+    contraction_inner_share: float = 0.75
+    """Share of a contracted grid's extent given to the scene box (mip-NeRF 360's contraction gives it 0.5; the
+    rest holds all space beyond it)."""
     min_view_fraction: float = 0.25
     """A point seen by fewer than this fraction of the training cameras starts empty (with init_from_views)."""
     color_mode: Literal["sh", "mlp"] = "sh"
@@ -105,6 +115,30 @@ class MMStyleBaseModelConfig(ModelConfig):
     weight into one short stretch, i.e. sharp surfaces. 0 turns it off."""
     compute_lpips: bool = False
     """Report LPIPS in evaluations (needs torchvision's AlexNet weights in the torch hub cache)."""
+    geometry_from: Path | None = None
+    """Reuse the geometry of a run trained on the same data, frozen (its folder, its nerfstudio_models folder or a
+    checkpoint). An mmstyle_ns run: its density grid and box, resampled to this model's final grid; the appearance
+    is learned afresh. A nerfacto run: its proposal sampler and field place every ray's samples and give their
+    weights, with its colours as the photorealistic content (it is rebuilt from the run's config.yml, which must stay
+    where it is). Read when the model is built; only the appearance is trained."""
+
+
+def has_transparent_pixels(dataset: object, num_images: int = 8, min_fraction: float = 1e-3) -> bool:
+    """Whether a nerfstudio dataset's images are an object capture with alpha: an alpha channel with transparent
+    pixels (alpha below one half) in at least ``min_fraction`` of the pixels of up to ``num_images`` images spread
+    over the dataset. Full frames (RGB, or RGBA that is opaque everywhere) are not."""
+    count = len(dataset)  # type: ignore[arg-type]
+    if count == 0:
+        return False
+    picks = sorted({round(i * (count - 1) / max(num_images - 1, 1)) for i in range(min(num_images, count))})
+    transparent = total = 0
+    for index in picks:
+        image = dataset.get_image_float32(index)  # type: ignore[attr-defined]
+        if image.shape[-1] != 4:
+            return False
+        transparent += int((image[..., 3] < 0.5).sum())
+        total += image[..., 3].numel()
+    return transparent >= min_fraction * total
 
 
 class MMStyleBaseModel(Model):
@@ -157,9 +191,13 @@ class MMStyleBaseModel(Model):
 
             self.lpips = LearnedPerceptualImagePatchSimilarity(normalize=True)
         self.step = 0
-        self.register_buffer("views_initialized", torch.tensor(not self.config.init_from_views))
+        self.register_buffer("views_initialized", torch.tensor(False))
         self.geometry_frozen = False
         """Set by stylization stages: no more regrids or occupancy refreshes."""
+        self.external_geometry: NerfactoGeometry | None = None
+        """The frozen nerfacto run that samples the rays (``geometry_from`` a nerfacto run), else None."""
+        if self.config.geometry_from is not None:
+            self.take_geometry(Path(self.config.geometry_from))
 
     def get_param_groups(self) -> dict[str, list[Parameter]]:
         groups = {"grid": [self.field.density_grid, self.field.feature_grid]}
@@ -185,7 +223,8 @@ class MMStyleBaseModel(Model):
     def regrid(self, resolution: int, optimizers: object | None = None) -> None:
         """Moves the grids to ``resolution`` (cropping them to the occupied box if configured)."""
         occupied = self.sampler.update(self.field)
-        box = self._occupied_box(occupied) if self.config.crop_to_occupied else self.field.aabb.clone()
+        crop = self.config.crop_to_occupied and not bool(self.field.contracted)  # a contracted grid spans all space
+        box = self._occupied_box(occupied) if crop else self.field.aabb.clone()
         old = (self.field.density_grid, self.field.feature_grid)
         self.field.regrid(box, resolution)
         if optimizers is not None:
@@ -207,6 +246,52 @@ class MMStyleBaseModel(Model):
             points.cpu(), cameras.camera_to_worlds.float(), intrinsics.cpu(), sizes, alphas=alphas
         )
         return ((seen >= self.config.min_view_fraction * len(cameras)) & ~carved).to(points.device)
+
+    def wants_contraction(self, dataset: object) -> bool:
+        """Whether this model contracts space for ``dataset`` (nerfstudio's training dataset): the ``unbounded``
+        setting, and under 'auto' whether its images are full frames (see :func:`has_transparent_pixels`)."""
+        if self.config.unbounded != "auto":
+            return self.config.unbounded == "on"
+        return not has_transparent_pixels(dataset)
+
+    @torch.no_grad()
+    def prepare_space(self, dataset: object, optimizers: object | None = None) -> None:
+        """Before the first step: contracts space for full-frame captures, or crops and carves the bounded grid
+        to what the views support (``init_from_views``). Runs once per model (a buffer remembers it)."""
+        if bool(self.views_initialized):
+            return
+        if self.wants_contraction(dataset):
+            self.contract_space(optimizers, dataset)
+        elif self.config.init_from_views:
+            self.initialize_from_views(dataset, optimizers)
+        self.views_initialized.fill_(True)
+
+    @torch.no_grad()
+    def contract_space(self, optimizers: object | None = None, dataset: object | None = None) -> None:
+        """Switches the field to scene contraction around the scene box (nerfstudio's dataparsers scale the
+        cameras into it), at the first grid resolution; see :meth:`DenseGridField.contract_space`."""
+        old = (self.field.density_grid, self.field.feature_grid)
+        self.field.contract_space(
+            self.scene_box.aabb.to(self.field.aabb),
+            self.config.grid_resolutions[0],
+            inner=2.0 * self.config.contraction_inner_share,
+        )
+        if optimizers is not None:
+            replace_parameters(
+                optimizers, dict(zip(old, (self.field.density_grid, self.field.feature_grid), strict=True))
+            )
+        if dataset is not None and self.config.init_from_views:
+            # Inside the box, what few cameras see (the space around the cameras themselves) starts empty: that
+            # is where a full-frame capture otherwise grows floaters. Beyond it everything is kept (the sky in
+            # one direction is seen only by the cameras looking that way).
+            vertices = self.field.vertex_positions()
+            inner = self.field.vertex_grid_positions().abs().amax(-1) < float(self.field.contraction_inner)
+            supported = self._support_mask(vertices[inner], dataset)
+            empty_rows = inner.nonzero()[:, 0][~supported]
+            self.field.density_grid[empty_rows] = self.field.raw_density_for(1e-5 * float(self.field.density_scale))
+        self.sampler.update(self.field)
+        self.views_initialized.fill_(True)
+        broadcast_module(self)
 
     @torch.no_grad()
     def initialize_from_views(self, dataset: object, optimizers: object | None = None) -> None:
@@ -242,6 +327,36 @@ class MMStyleBaseModel(Model):
         self.views_initialized.fill_(True)
         broadcast_module(self)
 
+    keeps_source_appearance = False
+    """Whether a nerfacto run given as ``geometry_from`` also gives the photorealistic colours (a model that learns
+    styles on top of them); otherwise this model's own appearance grid is trained on the nerfacto samples."""
+
+    def take_geometry(self, path: Path) -> None:
+        """Adopts the frozen geometry of the run at ``path``: a nerfacto run (:meth:`adopt_nerfacto`) or a run of
+        this model family (:meth:`adopt_geometry`)."""
+        from mmstyle_ns.compat.checkpoints import load_pipeline_state
+
+        state = load_pipeline_state(path)
+        if is_nerfacto_state(state):
+            self.adopt_nerfacto(NerfactoGeometry.from_run(path, state))
+        else:
+            self.adopt_geometry(state)
+
+    @torch.no_grad()
+    def adopt_nerfacto(self, geometry: NerfactoGeometry) -> None:
+        """Samples rays with a frozen nerfacto model from now on. The field's grids switch to scene contraction
+        (nerfacto's space is unbounded), at the first grid resolution when the nerfacto colours are the content
+        (:attr:`keeps_source_appearance`), else at the final one (this model learns its appearance there)."""
+        self.external_geometry = geometry
+        if not bool(self.field.contracted):
+            resolution = self.config.grid_resolutions[0 if self.keeps_source_appearance else -1]
+            self.field.contract_space(
+                self.scene_box.aabb.to(self.field.aabb), resolution, inner=2.0 * self.config.contraction_inner_share
+            )
+        self.field.density_grid.requires_grad_(False)
+        self.views_initialized.fill_(True)
+        self.geometry_frozen = True
+
     @torch.no_grad()
     def adopt_geometry(self, state: dict[str, Tensor]) -> None:
         """Takes the geometry of another run of this model family: the density grid and the box it spans, from a
@@ -256,6 +371,14 @@ class MMStyleBaseModel(Model):
             return found[0]
 
         field = self.field
+        contracted = [value for key, value in state.items() if key.endswith("field.contracted")]
+        if contracted and bool(contracted[0]) and not bool(field.contracted):
+            # the source run contracted space: so does this field, the same way, before the scales are compared
+            field.contract_space(
+                pick("field.contraction_box").to(field.aabb),
+                self.config.grid_resolutions[0],
+                inner=float(pick("field.contraction_inner")),
+            )
         scale = pick("field.density_scale").to(field.density_scale)
         if not torch.allclose(scale, field.density_scale, rtol=1e-5):
             raise ValueError(
@@ -282,8 +405,7 @@ class MMStyleBaseModel(Model):
             sync_optimizer_parameters(optimizers, self.get_param_groups())
 
         def before_first_step(step: int) -> None:
-            if not bool(self.views_initialized):
-                self.initialize_from_views(dataset, optimizers)
+            self.prepare_space(dataset, optimizers)
 
         def after_step(step: int) -> None:
             self.step = step
@@ -309,6 +431,8 @@ class MMStyleBaseModel(Model):
         self, origins: Float[Tensor, "R 3"], directions: Float[Tensor, "R 3"]
     ) -> tuple[PackedSamples, Float[Tensor, " S"], Float[Tensor, "S 3"]]:
         """Samples rays through the field: packed samples, their rendering weights and their base colours."""
+        if self.external_geometry is not None and self.keeps_source_appearance:
+            return self.external_geometry.march(origins, directions)
         samples, weights, (index, corner_weights) = self._march(origins, directions)
         return samples, weights, self.field.color_from_corners(index, corner_weights, samples.directions)
 
@@ -322,6 +446,9 @@ class MMStyleBaseModel(Model):
     def _march(
         self, origins: Float[Tensor, "R 3"], directions: Float[Tensor, "R 3"]
     ) -> tuple[PackedSamples, Float[Tensor, " S"], tuple[Tensor, Tensor]]:
+        if self.external_geometry is not None:
+            samples, weights, _ = self.external_geometry.march(origins, directions)
+            return samples, weights, self.field.corners(samples.positions)
         samples = self.sampler(self.field, origins, directions, near=self.config.near_plane, jitter=self.training)
         index, corner_weights = self.field.corners(samples.positions)
         sigmas = self.field.density_from_corners(index, corner_weights)[:, 0]
@@ -432,9 +559,9 @@ class MMStyleBaseModel(Model):
         }
         if self.training:
             outputs["num_samples_per_ray"] = torch.tensor(samples.ray_indices.numel() / max(num_rays, 1))
-            if self.config.distortion_loss_mult > 0:
+            if self.config.distortion_loss_mult > 0 and self.external_geometry is None:
                 outputs["distortion_loss"] = packed_distortion_loss(
-                    weights, samples.t_starts, samples.t_ends, samples.ray_indices, num_rays
+                    weights, samples.marching_starts, samples.marching_ends, samples.ray_indices, num_rays
                 )
         outputs.update(self.extra_outputs(samples, weights, colors, num_rays, batch_shape))
         return outputs

@@ -96,13 +96,25 @@ class FrozenGeometryModel(MMStyleBaseModel):
         """Hash of everything the samples and weights of a ray depend on under the frozen geometry: the density
         grid and its box, the occupancy grid, and the sampler's and cache's settings."""
         field, sampler = self.field, self.sampler
+        if self.external_geometry is not None:  # a frozen nerfacto run samples the rays
+            return hashlib.sha256(
+                f"samples|v{SAMPLE_STORE_VERSION}|{self.external_geometry.key}|{self.config.cache_min_weight!r}|".encode()
+            ).hexdigest()
         digest = hashlib.sha256(
             f"samples|v{SAMPLE_STORE_VERSION}|{type(field).__name__}|{field.density_shift!r}|"
             f"{sampler.step_ratio!r}|{sampler.alpha_threshold!r}|{sampler.early_stop_eps!r}|"
             f"{sampler.max_samples_per_ray}|{sampler.SEGMENT}|{self.config.near_plane!r}|"
             f"{self.config.cache_min_weight!r}|".encode()
         )
-        for tensor in (field.density_grid, field.aabb, field.grid_dims, field.density_scale, sampler.occupancy):
+        for tensor in (
+            field.density_grid,
+            field.aabb,
+            field.grid_dims,
+            field.density_scale,
+            field.contracted,
+            field.contraction_box,
+            sampler.occupancy,
+        ):
             digest.update(_tensor_bytes(tensor))
         digest.update(str(bool(sampler.initialized)).encode())
         return digest.hexdigest()

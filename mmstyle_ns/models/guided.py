@@ -14,7 +14,6 @@ the pipeline builds it once and passes it to the model's constructor.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from nerfstudio.cameras.cameras import Cameras
@@ -37,10 +36,6 @@ class GuidedModelConfig(MMStyleBaseModelConfig):
     """Score rule of the guided stage (a subcommand: rule:sds, rule:dds or rule:ld, each with its own options)."""
     freeze_geometry: bool = True
     """Keep the density fixed in the guided stage (edit appearance only)."""
-    geometry_from: Path | None = None
-    """Reuse the geometry of a trained run on the same data (an mmstyle-base run's folder, its nerfstudio_models
-    folder or a checkpoint): its density grid and box, resampled to this model's final grid and frozen; only the
-    appearance is trained. Read when training starts; a finished run renders from its own checkpoint."""
 
 
 class GuidedModel(MMStyleBaseModel):
@@ -57,10 +52,6 @@ class GuidedModel(MMStyleBaseModel):
         if self.backbone is None:
             raise ValueError(f"{type(self).__name__} needs the diffusion backbone: build it with a GuidedPipeline")
         super().populate_modules()
-        if self.config.geometry_from is not None:
-            from mmstyle_ns.compat.checkpoints import load_pipeline_state
-
-            self.adopt_geometry(load_pipeline_state(self.config.geometry_from))
         self.rule: ScoreRule = self.config.rule.setup()
         self.guided_stage = False
         """Set by :meth:`start_guided_stage` (from the stage callback, at the first guided step)."""

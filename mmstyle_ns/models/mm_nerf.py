@@ -166,6 +166,9 @@ class MMNeRFModel(FrozenGeometryModel):
     MMNeRFPipeline`); without it the model has no style heads and renders the photorealistic colours only.
     """
 
+    keeps_source_appearance = True
+    """Styles are learned on top of a nerfacto run's own colours (``geometry_from``): nothing is reconstructed."""
+
     config: MMNeRFModelConfig
     style_embeddings: Tensor
     sample_cache: StyleSampleCache | None
@@ -307,8 +310,8 @@ class MMNeRFModel(FrozenGeometryModel):
     # ---- stylization stage ---------------------------------------------------------------------------------
 
     def in_style_stage(self, step: int) -> bool:
-        """Whether ``step`` belongs to the stylization stage."""
-        return step >= self.config.reconstruction_steps
+        """Whether ``step`` belongs to the stylization stage (every step on a nerfacto run's geometry and colours)."""
+        return step >= self.config.reconstruction_steps or self.external_geometry is not None
 
     def build_sample_cache(
         self, cameras: Cameras, store: StylizedViewCache | None = None, chunk: int = 1 << 14
@@ -328,7 +331,8 @@ class MMNeRFModel(FrozenGeometryModel):
 
     def head_inputs(self, positions: Float[Tensor, "S 3"]) -> Float[Tensor, "S F"]:
         """What the colour head sees at each sample: the shared style features and the photorealistic colour."""
-        return torch.cat([self.style_grid(positions), self.base_diffuse_color(positions)], dim=-1)
+        grid_positions = self.field.to_grid(positions)  # the style grids share the field's (contracted) coordinates
+        return torch.cat([self.style_grid(grid_positions), self.base_diffuse_color(positions)], dim=-1)
 
     def with_residual(
         self, inputs: Float[Tensor, "S F"], positions: Float[Tensor, "S 3"], style: int, scale: float = 1.0
@@ -338,7 +342,7 @@ class MMNeRFModel(FrozenGeometryModel):
         grid = self.residual_grid(style)
         if not grid.active:
             return inputs
-        residual = grid(positions) * scale
+        residual = grid(self.field.to_grid(positions)) * scale
         return inputs + F.pad(residual, (0, inputs.shape[-1] - residual.shape[-1]))
 
     def residual_grid(self, style: int) -> FeatureGrid:
@@ -382,6 +386,8 @@ class MMNeRFModel(FrozenGeometryModel):
 
     def base_diffuse_color(self, positions: Float[Tensor, "S 3"]) -> Float[Tensor, "S 3"]:
         """View-independent photorealistic colour (the content the style heads see)."""
+        if self.external_geometry is not None:
+            return self.external_geometry.diffuse_color(positions)
         index, corner_weights = self.field.corners(positions)
         if self.field.color_mlp is None:  # SH grid: the constant (degree-0) term
             coefficients = trilinear_lookup(self.field.feature_grid, index, corner_weights)

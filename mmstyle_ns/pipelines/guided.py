@@ -21,6 +21,7 @@ import torch
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from mmstyle_ns.data.datamanagers import GuidedDataManagerConfig
+from mmstyle_ns.fields.nerfacto_geometry import is_nerfacto_run
 from mmstyle_ns.guidance.backbone import DiffusionBackboneConfig
 from mmstyle_ns.pipelines.base import MMStylePipeline, MMStylePipelineConfig, ModelWithArguments, cache_root_for
 
@@ -44,15 +45,6 @@ class GuidedPipelineConfig(MMStylePipelineConfig):
         """Checks what the method needs without loading anything (run before ns-train writes config.yml)."""
         from mmstyle_ns.guidance.checks import missing_model_files, resolve_local
 
-        geometry = getattr(self.model, "geometry_from", None)
-        if geometry is not None:
-            from mmstyle_ns.compat.checkpoints import find_checkpoint
-
-            if find_checkpoint(Path(geometry)) is None:
-                raise ValueError(
-                    f"--pipeline.model.geometry-from {geometry}: no nerfstudio checkpoint there (give a trained "
-                    "mmstyle-base run's folder, its nerfstudio_models folder or a step-*.ckpt file)"
-                )
         value = self.guidance.model_path
         flag = self.guidance.flag("model_path")
         if value is None or not value.strip():
@@ -90,8 +82,10 @@ class GuidedPipeline(MMStylePipeline):
         local_rank: int = 0,
         grad_scaler: Any = None,
     ) -> None:
-        if test_mode != "val" and getattr(config.model, "geometry_from", None) is not None:
-            # a trained run loaded for rendering or evaluation: its own checkpoint holds the geometry
+        geometry = getattr(config.model, "geometry_from", None)
+        if test_mode != "val" and geometry is not None and not is_nerfacto_run(Path(geometry)):
+            # a trained run loaded for rendering or evaluation: its own checkpoint holds the geometry (a nerfacto
+            # run's model is rebuilt from that run's config.yml, and its weights are in the checkpoint too)
             config = dataclasses.replace(config, model=dataclasses.replace(config.model, geometry_from=None))
         config.check_inputs()
         backbone = config.guidance.setup(device=device)

@@ -29,8 +29,9 @@ class SceneCommand:
     index, collection.json. The same arguments always produce byte-identical files.
     """
 
-    kind: Literal["object360", "forward", "head", "toy", "toy-collection"] = "object360"
-    """Scene: objects on a disc, 360 deg views (object360); wall and objects, camera grid (forward); head;
+    kind: Literal["object360", "forward", "unbounded", "head", "toy", "toy-collection"] = "object360"
+    """Scene: objects on a disc, 360 deg views (object360); wall and objects, camera grid (forward); a ground to
+    the horizon, a sky, objects and far landmarks, low orbit, full frames without alpha (unbounded); head;
     the toy teacher world's objects that --caption describes on a disc, 360 deg views (toy); or a folder of
     --num-scenes toy scenes with photo captions drawn from --seed, a few colour-shape pairs held out for
     evaluation, the training data of tunemv3d (toy-collection: scene_00000/ ... and collection.json)."""
