@@ -144,7 +144,8 @@ class NerfactoGeometry(nn.Module):
         for name in sorted(model_state):
             value = model_state[name]
             if isinstance(value, Tensor) and not name.startswith("lpips."):
-                digest.update(name.encode() + value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+                digest.update(name.encode())
+                digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         return cls(model, digest.hexdigest())
 
     def _ray_samples(self, origins: Float[Tensor, "R 3"], directions: Float[Tensor, "R 3"]) -> Any:
