@@ -264,8 +264,8 @@ class EDNeRFModel(GuidedModel):
         losses: dict[str, Tensor] = {}
         if not self.guided_stage:
             losses["latent_loss"] = F.mse_loss(latent, target)
-            if "distortion_loss" in outputs and self.config.distortion_loss_mult > 0:
-                losses["distortion_loss"] = self.config.distortion_loss_mult * outputs["distortion_loss"]
+            if "distortion_loss" in outputs and self.distortion_weight() > 0:
+                losses["distortion_loss"] = self.distortion_weight() * outputs["distortion_loss"]
             if self.config.rgb_loss_mult > 0:
                 rgb = self.backbone.decode_latents(latent)
                 image = batch["image"][..., :3].to(rgb).permute(2, 0, 1)[None]
