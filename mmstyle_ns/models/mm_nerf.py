@@ -121,6 +121,9 @@ class StyleSet:
 class StyleSampleCache(SampleCache):
     """The frozen geometry's sample cache, and the colour heads' inputs at its samples once they are frozen."""
 
+    base_colors: Float[Tensor, "S 3"] | None = None
+    """The photorealistic colour at every sample (:meth:`MMNeRFModel.base_diffuse_color`), evaluated once: the geometry
+    is frozen, and on a nerfacto run's geometry it costs a network evaluation per sample."""
     head_inputs: Float[Tensor, "S F"] | None = None
     """Inputs of the colour head at every sample (style features and base colour), when the style grid is frozen
     (see :meth:`MMNeRFModel.cache_head_inputs`); a step then only evaluates the colour heads."""
@@ -317,8 +320,11 @@ class MMNeRFModel(FrozenGeometryModel):
         self, cameras: Cameras, store: StylizedViewCache | None = None, chunk: int = 1 << 14
     ) -> StyleSampleCache:
         """:meth:`FrozenGeometryModel.build_sample_cache`, in a cache that can also hold the colour heads' inputs."""
-        self.sample_cache = StyleSampleCache(**vars(super().build_sample_cache(cameras, store, chunk)))
-        return self.sample_cache
+        cache = StyleSampleCache(**vars(super().build_sample_cache(cameras, store, chunk)))
+        with torch.no_grad():
+            cache.base_colors = torch.cat([self.base_diffuse_color(p) for p in cache.positions.split(1 << 16)])
+        self.sample_cache = cache
+        return cache
 
     @torch.no_grad()
     def prepare_style_grid(self) -> bool:
@@ -329,10 +335,15 @@ class MMNeRFModel(FrozenGeometryModel):
         self.style_grid_ready.fill_(True)
         return True
 
-    def head_inputs(self, positions: Float[Tensor, "S 3"]) -> Float[Tensor, "S F"]:
-        """What the colour head sees at each sample: the shared style features and the photorealistic colour."""
+    def head_inputs(
+        self, positions: Float[Tensor, "S 3"], base_colors: Float[Tensor, "S 3"] | None = None
+    ) -> Float[Tensor, "S F"]:
+        """What the colour head sees at each sample: the shared style features and the photorealistic colour
+        (``base_colors`` when already known, e.g. from the sample cache)."""
         grid_positions = self.field.to_grid(positions)  # the style grids share the field's (contracted) coordinates
-        return torch.cat([self.style_grid(grid_positions), self.base_diffuse_color(positions)], dim=-1)
+        if base_colors is None:
+            base_colors = self.base_diffuse_color(positions)
+        return torch.cat([self.style_grid(grid_positions), base_colors], dim=-1)
 
     def with_residual(
         self, inputs: Float[Tensor, "S F"], positions: Float[Tensor, "S 3"], style: int, scale: float = 1.0
@@ -351,15 +362,24 @@ class MMNeRFModel(FrozenGeometryModel):
         assert isinstance(grid, FeatureGrid)
         return grid
 
-    def style_inputs(self, positions: Float[Tensor, "S 3"], style: int) -> Float[Tensor, "S F"]:
+    def style_inputs(
+        self, positions: Float[Tensor, "S 3"], style: int, base_colors: Float[Tensor, "S 3"] | None = None
+    ) -> Float[Tensor, "S F"]:
         """The colour head's inputs for style ``style`` (shared features plus its residual, base colour)."""
-        return self.with_residual(self.head_inputs(positions), positions, style)
+        return self.with_residual(self.head_inputs(positions, base_colors), positions, style)
 
     def stylized_colors(
-        self, positions: Float[Tensor, "S 3"], params: Float[Tensor, " P"], style: int | None = None
+        self,
+        positions: Float[Tensor, "S 3"],
+        params: Float[Tensor, " P"],
+        style: int | None = None,
+        base_colors: Float[Tensor, "S 3"] | None = None,
     ) -> Float[Tensor, "S 3"]:
         """Colours of samples under the colour head ``params`` (with style ``style``'s residual features)."""
-        inputs = self.head_inputs(positions) if style is None else self.style_inputs(positions, style)
+        if style is None:
+            inputs = self.head_inputs(positions, base_colors)
+        else:
+            inputs = self.style_inputs(positions, style, base_colors)
         return self.color_spec.apply(params, inputs)
 
     @torch.no_grad()
@@ -382,7 +402,9 @@ class MMNeRFModel(FrozenGeometryModel):
         frozen (incremental styles): each step then evaluates the new heads alone."""
         cache = self.sample_cache
         assert cache is not None, "build_sample_cache() first"
-        cache.head_inputs = torch.cat([self.head_inputs(p) for p in cache.positions.split(chunk)])
+        positions = cache.positions.split(chunk)
+        base = cache.base_colors.split(chunk) if cache.base_colors is not None else (None,) * len(positions)
+        cache.head_inputs = torch.cat([self.head_inputs(p, b) for p, b in zip(positions, base, strict=True)])
 
     def base_diffuse_color(self, positions: Float[Tensor, "S 3"]) -> Float[Tensor, "S 3"]:
         """View-independent photorealistic colour (the content the style heads see)."""
@@ -406,7 +428,8 @@ class MMNeRFModel(FrozenGeometryModel):
             inputs = self.with_residual(cache.head_inputs[sample_ids], positions, style)
             colors = self.color_spec.apply(params, inputs)
         else:
-            colors = self.stylized_colors(positions, params, style)
+            base = None if cache.base_colors is None else cache.base_colors[sample_ids]
+            colors = self.stylized_colors(positions, params, style, base)
         return self._composite_white(colors, cache.weights[sample_ids], ray_indices, len(pixels))
 
     def render_uncached(self, origins: Float[Tensor, "B 3"], directions: Float[Tensor, "B 3"], style: int) -> Tensor:
