@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -130,3 +132,24 @@ def adain_weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]
     torch.save(full_vgg.state_dict(), folder / "vgg_normalised.pth")
     torch.save(decoder.state_dict(), folder / "decoder.pth")
     return folder / "vgg_normalised.pth", folder / "decoder.pth"
+
+
+def ns_train_refusal(method: str, data: Path, output: Path, *flags: str) -> tuple[str, str]:
+    """Runs the real ``ns-train`` console command on inputs it must refuse and checks how: exit status 2, exactly one
+    "Cannot train" line, no traceback and no output folder. Returns that line and the whole output."""
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONWARNINGS="ignore", COLUMNS="200")
+    command = [str(Path(sys.executable).parent / "ns-train"), method, "--data", str(data)]
+    result = subprocess.run(
+        [*command, "--output-dir", str(output), "--vis", "tensorboard", *flags],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    text = result.stdout + result.stderr
+    assert result.returncode == 2, text
+    errors = [line for line in text.splitlines() if "Cannot train" in line]
+    assert len(errors) == 1, text
+    assert "Traceback" not in text and "Error:" not in text, text
+    assert not output.exists()
+    return errors[0], text

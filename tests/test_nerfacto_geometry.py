@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import short_run_config
+from conftest import ns_train_refusal, short_run_config
 from nerfstudio.cameras.cameras import Cameras
 
 from mmstyle_ns.fields.nerfacto_geometry import NerfactoGeometry, without_lpips
@@ -199,25 +199,9 @@ def test_geometry_from_a_run_on_other_poses_is_refused_before_anything_is_writte
 
 
 def test_ns_train_names_a_missing_geometry_run_in_one_line(tiny_scene: Path, tmp_path: Path) -> None:
-    import os
-    import subprocess
-    import sys
-
-    command = [
-        str(Path(sys.executable).parent / "ns-train"),
-        "mm-nerf",
-        "--data",
-        str(tiny_scene),
-        "--output-dir",
-        str(tmp_path / "out"),
-        "--pipeline.model.geometry-from",
-        str(tmp_path / "no-such-run"),
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}, timeout=300)
-    assert done.returncode == 2, done.stderr[-2000:]
-    output = done.stdout + done.stderr
-    assert "Traceback" not in output and "no nerfstudio checkpoint there" in output
-    assert not (tmp_path / "out").exists()
+    flags = ("--pipeline.model.geometry-from", str(tmp_path / "no-such-run"))
+    error, _ = ns_train_refusal("mm-nerf", tiny_scene, tmp_path / "out", *flags)
+    assert "no nerfstudio checkpoint there" in error
 
 
 def test_ed_nerf_edits_on_a_nerfacto_runs_geometry(
