@@ -173,6 +173,18 @@ def _add_objects(
     )
 
 
+def _four_spots(rng: np.random.Generator, jitter: float, radii: tuple[float, float]) -> list[tuple[float, float]]:
+    """Four object positions on the ground, a quarter turn apart from a random start (each turned by up to
+    ``jitter`` radians) at a random distance in ``radii`` from the centre."""
+    offset = rng.uniform(0, 2 * np.pi)
+    spots = []
+    for k in range(4):
+        a = offset + k * np.pi / 2 + rng.uniform(-jitter, jitter)
+        rad = rng.uniform(*radii)
+        spots.append((float(rad * np.cos(a)), float(rad * np.sin(a))))
+    return spots
+
+
 def _object360(seed: int) -> SceneSetup:
     rng = np.random.default_rng([seed, 360])
     b = _Builder()
@@ -184,12 +196,7 @@ def _object360(seed: int) -> SceneSetup:
         lambda m: rt.Disc((0.0, 0.0, ground), 1.0, m),
         rt.Material(texture=ground_tex, tint=_colour(rng, hue, sat=(0.15, 0.35), val=1.0), repeat=(3.0, 3.0)),
     )
-    offset = rng.uniform(0, 2 * np.pi)
-    spots = []
-    for k in range(4):
-        a = offset + k * np.pi / 2 + rng.uniform(-0.2, 0.2)
-        rad = rng.uniform(0.45, 0.55)
-        spots.append((float(rad * np.cos(a)), float(rad * np.sin(a))))
+    spots = _four_spots(rng, jitter=0.2, radii=(0.45, 0.55))
     _add_objects(b, rng, spots, ground, 1.0, hue)
     scene = rt.Scene(tuple(b.primitives), tuple(b.materials), light=_light(rng), background=(1.0, 1.0, 1.0))
     return SceneSetup("object360", seed, scene, np.zeros(3), 3.0, 36.0, b.objects)
@@ -248,12 +255,7 @@ def _unbounded(seed: int) -> SceneSetup:
         lambda m: rt.Disc((0.0, 0.0, ground - 1e-3), 2000.0, m),
         rt.Material(texture="grass", tint=_colour(rng, hue, sat=(0.3, 0.45), val=0.9), repeat=(400.0, 400.0)),
     )
-    offset = rng.uniform(0, 2 * np.pi)
-    spots = []
-    for k in range(4):
-        a = offset + k * np.pi / 2 + rng.uniform(-0.25, 0.25)
-        rad = rng.uniform(0.3, 0.45)
-        spots.append((float(rad * np.cos(a)), float(rad * np.sin(a))))
+    spots = _four_spots(rng, jitter=0.25, radii=(0.3, 0.45))
     _add_objects(b, rng, spots, ground, 0.7, hue)
     # Landmarks all around, from just outside the middle to far away: their size grows with the distance.
     count = 12
