@@ -7,8 +7,9 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from mmstyle_ns.fields.carving import project_points, view_support
+from mmstyle_ns.fields.carving import project_points, sweep_points, view_support
 
 
 def _train_split(scene_dir: Path):
@@ -71,3 +72,39 @@ def test_surface_is_never_carved_and_most_of_the_box_is(tiny_scene: Path) -> Non
     assert float(box_carved.float().mean()) > 0.2
     _, nothing_carved = view_support(grid, cameras.camera_to_worlds, intrinsics, sizes, alphas=None)
     assert not bool(nothing_carved.any()), "without alpha nothing is carved"
+
+
+def _textured_plane_views(depth: float, count: int = 9, size: int = 40) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Views of a fronto-parallel textured plane ``depth`` in front of a 3 x 3 grid of forward-facing cameras
+    (looking along -z): poses, intrinsics and images, each pixel coloured by where its ray meets the plane."""
+    generator = torch.Generator().manual_seed(0)
+    texture = torch.rand(1, 3, 48, 48, generator=generator)  # a random pattern over the plane, about 2 px a texel
+    focal = size / (2 * np.tan(np.radians(20)))
+    offsets = [(x, y) for y in (-0.3, 0.0, 0.3) for x in (-0.3, 0.0, 0.3)][:count]
+    poses, images = [], []
+    rows = torch.arange(size, dtype=torch.float32) + 0.5
+    v, u = torch.meshgrid(rows, rows, indexing="ij")
+    for x, y in offsets:
+        pose = torch.eye(4)[:3]
+        pose[:, 3] = torch.tensor([x, y, 0.0])
+        hit_x = x + (u - size / 2) / focal * depth
+        hit_y = y - (v - size / 2) / focal * depth
+        extent = 0.8 * depth  # the pattern spans [-extent, extent]^2, wider than any view
+        grid = torch.stack([hit_x / extent, -hit_y / extent], dim=-1)[None]
+        image = F.grid_sample(texture, grid, mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
+        poses.append(pose)
+        images.append(image)
+    intrinsics = torch.tensor([[focal, focal, size / 2, size / 2]]).expand(len(offsets), 4)
+    return torch.stack(poses), intrinsics, images
+
+
+def test_the_plane_sweep_finds_a_surface_at_its_depth_and_nothing_on_a_plain_image() -> None:
+    for depth in (2.0, 12.0):
+        poses, intrinsics, images = _textured_plane_views(depth)
+        points = sweep_points(poses, intrinsics, images, depth_range=(0.1, 500.0), num_references=3, num_neighbours=4)
+        assert points.shape[0] > 0.5 * 3 * 40 * 40, "most pixels of a textured surface are confident"
+        found = -points[:, 2]  # z-depth of the points in front of the cameras
+        assert abs(float(found.median()) - depth) < 0.05 * depth
+        assert float(((found - depth).abs() < 0.1 * depth).float().mean()) > 0.9
+    plain = [torch.full((40, 40, 3), 0.7) for _ in range(9)]
+    assert sweep_points(poses, intrinsics, plain, depth_range=(0.1, 500.0), num_references=3).shape[0] == 0

@@ -4,6 +4,7 @@ to contracted space, marching to the far shell with empty-space skipping, and th
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,3 +138,60 @@ def test_a_bounded_fields_state_loads_into_a_field_that_knows_contraction() -> N
     points = torch.rand(20, 3) * 1.8 - 0.9
     torch.testing.assert_close(fresh.density_at(points), old.density_at(points))
     assert math.isclose(fresh.voxel_size(), old.voxel_size())
+
+
+def _scene_model(tmp_path: Path, kind: str):  # noqa: ANN202 - (model, dataset, surface points)
+    """A base model and the training dataset of a small generated scene of ``kind``, with the ground-truth surface
+    points (from the scene's depth images) in the dataparser's frame."""
+    import imageio.v3 as iio
+    import numpy as np
+    from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
+    from nerfstudio.data.datasets.base_dataset import InputDataset
+
+    from mmstyle_ns.data.scene import generate_scene
+    from mmstyle_ns.models.base import MMStyleBaseModelConfig
+
+    data = generate_scene(kind, tmp_path / kind, num_views=40, resolution=48)
+    outputs = NerfstudioDataParserConfig(data=data).setup().get_dataparser_outputs("train")
+    dataset = InputDataset(outputs)
+    points = []
+    for i, name in enumerate(outputs.image_filenames):
+        depth = iio.imread(Path(str(name)).parent.parent / "depths" / Path(name).name).astype(np.float32) / 1000.0
+        depth *= outputs.dataparser_scale
+        rows, cols = np.nonzero(depth > 0)
+        d = depth[rows, cols]
+        cam = dataset.cameras[i]
+        fx, fy, cx, cy = float(cam.fx), float(cam.fy), float(cam.cx), float(cam.cy)
+        local = np.stack([(cols + 0.5 - cx) / fx * d, -(rows + 0.5 - cy) / fy * d, -d], axis=-1)
+        c2w = cam.camera_to_worlds.numpy()
+        points.append(local @ c2w[:, :3].T + c2w[:, 3])
+    model = MMStyleBaseModelConfig().setup(scene_box=outputs.scene_box, num_train_data=len(dataset))
+    return model, dataset, torch.from_numpy(np.concatenate(points)).float()
+
+
+def test_a_forward_capture_gets_a_contraction_box_around_its_content(tmp_path: Path) -> None:
+    """nerfstudio scales a forward-facing capture by its cameras' small spread: the content lies far outside the
+    scene box. The fitted box holds nearly all of the true surface and the cameras, and is not much larger."""
+    model, dataset, surface = _scene_model(tmp_path, "forward")
+    box = model.scene_box.aabb
+    assert float(((surface >= box[0]) & (surface <= box[1])).all(-1).float().mean()) < 0.05
+    fitted = model.fitted_contraction_box(dataset)
+    assert fitted is not None
+    inside = ((surface >= fitted[0]) & (surface <= fitted[1])).all(-1).float().mean()
+    assert float(inside) > 0.9
+    centres = dataset.cameras.camera_to_worlds[:, :, 3]
+    assert bool(((centres >= fitted[0]) & (centres <= fitted[1])).all())
+    truth = torch.quantile(surface, torch.tensor([0.02, 0.98]), dim=0)
+    truth = torch.stack([torch.minimum(truth[0], centres.amin(0)), torch.maximum(truth[1], centres.amax(0))])
+    assert float((fitted[1] - fitted[0]).prod() / (truth[1] - truth[0]).prod()) < 2.0
+    model.contract_space(dataset=dataset)  # the model contracts around it, with the fitted share
+    torch.testing.assert_close(model.field.contraction_box, fitted)
+    assert float(model.field.contraction_inner) == pytest.approx(2 * model.config.fitted_inner_share)
+
+
+def test_a_capture_from_inside_the_scene_keeps_the_scene_box(tmp_path: Path) -> None:
+    model, dataset, _ = _scene_model(tmp_path, "unbounded")
+    assert model.fitted_contraction_box(dataset) is None
+    model.contract_space(dataset=dataset)
+    torch.testing.assert_close(model.field.contraction_box, model.scene_box.aabb.float())
+    assert float(model.field.contraction_inner) == pytest.approx(2 * model.config.contraction_inner_share)
