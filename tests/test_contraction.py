@@ -195,3 +195,42 @@ def test_a_capture_from_inside_the_scene_keeps_the_scene_box(tmp_path: Path) -> 
     model.contract_space(dataset=dataset)
     torch.testing.assert_close(model.field.contraction_box, model.scene_box.aabb.float())
     assert float(model.field.contraction_inner) == pytest.approx(2 * model.config.contraction_inner_share)
+    # the far background sample starts with the first regrid (the coarse grid first forms the content)
+    assert not model.far_background_active()
+    model.regrid(48)
+    assert model.far_background_active()
+
+
+def test_far_samples_end_open_rays_on_the_outer_face_and_only_them() -> None:
+    field = DenseGridField(BOX, resolution=16, color_mode="sh", sh_levels=1, density_init=1e-3)
+    field.contract_space(BOX, 48, inner=1.0)
+    with torch.no_grad():  # empty space, with an opaque wall across the +x side at about 3 box units
+        field.density_grid.fill_(field.raw_density_for(1e-6))
+        grid_x = field.vertex_grid_positions()[:, 0]
+        field.density_grid[(grid_x - 1.6).abs() < 0.06] = field.raw_density_for(50.0)
+    sampler = OccupancySampler(step_ratio=0.5, alpha_threshold=1e-3, early_stop_eps=1e-4, far_radius=500.0)
+    sampler.update(field)
+    origins = torch.zeros(3, 3)
+    directions = F.normalize(torch.tensor([[-1.0, 0.2, 0.1], [0.1, 0.3, 1.0], [1.0, 0.0, 0.0]]), dim=-1)
+    plain = sampler(field, origins, directions, near=0.01)
+    assert plain.far is None
+    samples = sampler(field, origins, directions, near=0.01, far_samples=True)
+    assert samples.far is not None
+    far_rays = samples.ray_indices[samples.far]
+    assert far_rays.tolist() == [0, 1], "rays into empty space end on a far sample; the blocked one does not"
+    for ray in (0, 1):  # the far sample is the ray's last, on the grid's outer face
+        mine = (samples.ray_indices == ray).nonzero()[:, 0]
+        assert bool(samples.far[mine[-1]]) and int(samples.far[mine].sum()) == 1
+        assert float(field.to_grid(samples.positions[mine[-1]][None]).abs().amax()) > 2.0 - 2e-3
+    with torch.no_grad():
+        sigmas = field.density_at(samples.positions)[:, 0]
+        weights, _, _ = packed_weights(samples.t_starts, samples.t_ends, sigmas, samples.ray_indices, samples.far)
+        plain_sigmas = field.density_at(plain.positions)[:, 0]
+        plain_weights, _, _ = packed_weights(plain.t_starts, plain.t_ends, plain_sigmas, plain.ray_indices)
+    opacity = torch.zeros(3).index_add_(0, samples.ray_indices, weights)
+    plain_opacity = torch.zeros(3).index_add_(0, plain.ray_indices, plain_weights)
+    torch.testing.assert_close(opacity, torch.ones(3), atol=2e-4, rtol=0)  # every ray is opaque now
+    assert float(plain_opacity[:2].max()) < 0.05 and float(plain_opacity[2]) > 0.99
+    # the far sample spans no marching distance, so the distortion loss does not see it
+    assert samples.s_starts is not None and samples.s_ends is not None
+    torch.testing.assert_close(samples.s_starts[samples.far], samples.s_ends[samples.far])

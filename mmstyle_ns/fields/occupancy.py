@@ -40,6 +40,9 @@ class PackedSamples:
     it, where metric distances grow without bound: losses over the ray's weight distribution use it."""
     s_ends: Float[Tensor, " S"] | None = None
     """End of each interval in marching distance (None: the same as ``t_ends``)."""
+    far: Bool[Tensor, " S"] | None = None
+    """Samples that stand for all space beyond the far radius (the last sample of a ray of a contracted field; see
+    ``OccupancySampler.far_samples``): opaque, whatever their density. None: there are none."""
 
     @property
     def marching_starts(self) -> Float[Tensor, " S"]:
@@ -57,12 +60,13 @@ def packed_weights(
     t_ends: Float[Tensor, " S"],
     sigmas: Float[Tensor, " S"],
     ray_indices: Int[Tensor, " S"],
+    opaque: Bool[Tensor, " S"] | None = None,
 ) -> tuple[Float[Tensor, " S"], Float[Tensor, " S"], Float[Tensor, " S"]]:
     """Volume-rendering weights of packed samples (sorted by ray), differentiable w.r.t. ``sigmas``.
 
     ``w_i = T_i * (1 - exp(-sigma_i * delta_i))`` with ``T_i = exp(-sum_{j<i} sigma_j * delta_j)`` over the samples of
     the same ray. The per-ray exclusive sum is a global cumulative sum (in float64) minus its value at the
-    ray's first sample.
+    ray's first sample. Samples marked ``opaque`` (a ray's last, see :attr:`PackedSamples.far`) have alpha 1.
 
     Returns:
         weights, transmittances, alphas.
@@ -78,6 +82,8 @@ def packed_weights(
     ]
     trans = torch.exp(-(exclusive - exclusive[first_index])).to(sigmas.dtype)
     alphas = 1.0 - torch.exp(-optical)
+    if opaque is not None:
+        alphas = torch.where(opaque, torch.ones_like(alphas), alphas)
     return trans * alphas, trans, alphas
 
 
@@ -138,6 +144,9 @@ class OccupancySampler(nn.Module):
         max_samples_per_ray: cap on the marching steps per ray (the step grows when the box needs more).
         far_radius: how far a contracted field's rays are marched, in half-sizes of its contraction box (the
             contracted coordinate reaches ``2 - 1/far_radius``).
+        far_samples: in a contracted field, end every ray that is not yet opaque on one more sample at the far
+            radius, opaque whatever its density (:attr:`PackedSamples.far`): its colour, the grid's on its outer
+            face, is what lies beyond everything (a sky), seen alike from every camera.
     """
 
     occupancy: Tensor
@@ -150,9 +159,11 @@ class OccupancySampler(nn.Module):
         early_stop_eps: float = 1e-4,
         max_samples_per_ray: int = 1024,
         far_radius: float = 1000.0,
+        far_samples: bool = False,
     ) -> None:
         super().__init__()
         self.far_radius = far_radius
+        self.far_samples = far_samples
         self.step_ratio = step_ratio
         self.alpha_threshold = alpha_threshold
         self.early_stop_eps = early_stop_eps
@@ -312,8 +323,10 @@ class OccupancySampler(nn.Module):
         directions: Float[Tensor, "N 3"],
         near: float = 0.0,
         jitter: bool = False,
+        far_samples: bool | None = None,
     ) -> PackedSamples:
-        """Samples rays; densities used for culling are computed without gradients.
+        """Samples rays; densities used for culling are computed without gradients (``far_samples``: override of the
+        setting of the same name for this call).
 
         Rays are marched ``SEGMENT`` steps at a time, carrying each ray's optical depth from segment to segment,
         so the samples are those of one pass over the whole ray while rays that became opaque stop early.
@@ -349,10 +362,22 @@ class OccupancySampler(nn.Module):
                 keep &= alphas > self.alpha_threshold * self.step_ratio
             kept_rays.append(ray_indices[keep])
             kept_u.append(u[keep])
+        add_far = (self.far_samples if far_samples is None else far_samples) and marching.inner is not None
+        if add_far:  # one sample at the far end of every ray that is still not opaque, after its others
+            far_rays = ((depth < opaque) & (marching.total > 0)).nonzero()[:, 0]
+            kept_rays.append(far_rays)
+            kept_u.append(marching.total[far_rays])
+        is_far = None
         if kept_rays:
+            if add_far:
+                is_far = torch.cat(
+                    [torch.zeros_like(r, dtype=torch.bool) for r in kept_rays[:-1]]
+                    + [torch.ones_like(kept_rays[-1], dtype=torch.bool)]
+                )
             ray_indices, u = torch.cat(kept_rays), torch.cat(kept_u)
             order = torch.argsort(ray_indices, stable=True)  # segments come in order along each ray
             ray_indices, u = ray_indices[order], u[order]
+            is_far = None if is_far is None else is_far[order]
         else:
             ray_indices = torch.zeros(0, dtype=torch.long, device=device)
             u = torch.zeros(0, device=device)
@@ -362,6 +387,12 @@ class OccupancySampler(nn.Module):
         s_starts = s_ends = None
         if marching.inner is not None:
             s_starts, s_ends = (u - 0.5) * marching.step, (u + 0.5) * marching.step
+        if is_far is not None:  # starts at the far radius and spans no marching distance (it is not marched)
+            t_starts = torch.where(is_far, t_mid, t_starts)
+            t_ends = torch.where(is_far, 2.0 * t_mid, t_ends)
+            assert s_starts is not None and s_ends is not None
+            s_starts = torch.where(is_far, u * marching.step, s_starts)
+            s_ends = torch.where(is_far, u * marching.step, s_ends)
         return PackedSamples(
             t_starts=t_starts,
             t_ends=t_ends,
@@ -370,6 +401,7 @@ class OccupancySampler(nn.Module):
             directions=directions[ray_indices],
             s_starts=s_starts,
             s_ends=s_ends,
+            far=is_far,
         )
 
     @staticmethod
@@ -378,4 +410,6 @@ class OccupancySampler(nn.Module):
         if marching.inner is None:
             t_mid = marching.t_at(u, rays)
             return t_mid - 0.5 * marching.step, t_mid + 0.5 * marching.step
-        return marching.t_at(u - 0.5, rays), marching.t_at(u + 0.5, rays)
+        # the last step ends at the far radius (beyond it the radius of u + 1/2 would run off to infinity)
+        end = torch.minimum(u + 0.5, marching.total[rays])
+        return marching.t_at(u - 0.5, rays), marching.t_at(end, rays)

@@ -89,6 +89,10 @@ class MMStyleBaseModelConfig(ModelConfig):
     """Share of a contracted grid's extent given to the scene box (mip-NeRF 360's contraction gives it 0.5; the
     rest holds all space beyond it). Captures whose cameras stand at the edge of the box, looking at a ground that
     starts right beside them, need resolution just outside it: 0.3 measured best of 0.75, 0.5, 0.4 and 0.3."""
+    far_background: bool = True
+    """In a contracted grid, from the first regrid on, end every ray on an opaque sample at the far radius, coloured by
+    the grid's outer face: what lies beyond everything (a sky, a plain backdrop) is seen there alike from every
+    camera, instead of forming wherever each ray happens to become opaque."""
     fit_contraction_box: bool = True
     """When contracting, first find the content with a plane sweep over the training views and, if less than a
     third of it lies in the scene box, contract around the box of the content and the cameras instead (with
@@ -500,11 +504,25 @@ class MMStyleBaseModel(Model):
         if self.external_geometry is not None:
             samples, weights, _ = self.external_geometry.march(origins, directions)
             return samples, weights, self.field.corners(samples.positions)
-        samples = self.sampler(self.field, origins, directions, near=self.config.near_plane, jitter=self.training)
+        samples = self.sampler(
+            self.field, origins, directions, self.config.near_plane, self.training, self.far_background_active()
+        )
         index, corner_weights = self.field.corners(samples.positions)
         sigmas = self.field.density_from_corners(index, corner_weights)[:, 0]
-        weights, _, _ = packed_weights(samples.t_starts, samples.t_ends, sigmas, samples.ray_indices)
+        weights, _, _ = packed_weights(samples.t_starts, samples.t_ends, sigmas, samples.ray_indices, samples.far)
         return samples, weights, (index, corner_weights)
+
+    def far_background_active(self) -> bool:
+        """Whether rays end on the far background sample (``far_background``): in a contracted grid, once it has
+        grown past its first resolution. During the coarse stage the random background makes the rays opaque on
+        the content; an opaque far sample from the start lets it paint the whole scene onto the outer face instead
+        (measured: the objects vanished)."""
+        field = self.field
+        return (
+            self.config.far_background
+            and bool(field.contracted)
+            and int(field.grid_dims.max()) > self.config.grid_resolutions[0]
+        )
 
     def distortion_weight(self) -> float:
         """Weight of the distortion loss for this field (bounded or contracted)."""
