@@ -302,7 +302,9 @@ class MMStyleBaseModel(Model):
     @torch.no_grad()
     def contract_space(self, optimizers: object | None = None, dataset: object | None = None) -> None:
         """Switches the field to scene contraction around the scene box (nerfstudio's dataparsers scale the
-        cameras into it), at the first grid resolution; see :meth:`DenseGridField.contract_space`."""
+        cameras into it), or around the box fitted to the content when ``dataset`` is given and the content lies
+        outside it (:meth:`fitted_contraction_box`), at the first grid resolution; see
+        :meth:`DenseGridField.contract_space`."""
         box, share = self.scene_box.aabb.to(self.field.aabb), self.config.contraction_inner_share
         if dataset is not None and self.config.fit_contraction_box:
             fitted = self.fitted_contraction_box(dataset)
