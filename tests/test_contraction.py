@@ -197,8 +197,23 @@ def test_a_capture_from_inside_the_scene_keeps_the_scene_box(tmp_path: Path) -> 
     assert float(model.field.contraction_inner) == pytest.approx(2 * model.config.contraction_inner_share)
     # the far background sample starts with the first regrid (the coarse grid first forms the content)
     assert not model.far_background_active()
+    with torch.no_grad():  # a coarse stage that filled all space (e.g. the sky at some finite depth)
+        model.field.density_grid.fill_(model.field.raw_density_for(30.0))
     model.regrid(48)
     assert model.far_background_active()
+    # the first regrid resets the shell beyond the clearing radius to the initial opacity per voxel, keeps the rest
+    field = model.field
+    inner = float(field.contraction_inner)
+    rho = field.vertex_grid_positions().abs().amax(-1)
+    radius = 1.0 / (1.0 - ((rho - inner) / (2 - inner)).clamp(0, 1 - 1e-4))  # L-infinity radius in box units
+    length = field.vertex_length_scale().reshape(-1) * field.voxel_size()
+    opacity = 1 - torch.exp(-field.vertex_densities().reshape(-1) * length)
+    cleared = radius > model.config.far_background_clear_radius + 1e-3
+    kept = rho < inner - 1e-3  # inside the box
+    assert bool(cleared.any()) and bool(kept.any())
+    expected = torch.full_like(opacity[cleared], model.config.initial_alpha)
+    torch.testing.assert_close(opacity[cleared], expected, rtol=1e-3, atol=0)
+    assert float(opacity[kept].min()) > 0.5
 
 
 def test_far_samples_end_open_rays_on_the_outer_face_and_only_them() -> None:

@@ -12,7 +12,9 @@ For scenes that extend beyond the box (a ground to the horizon, a sky), :meth:`D
 switches the grids to mip-NeRF 360's scene contraction with the L-infinity norm (as nerfacto uses it): an inner box
 keeps its linear coordinates and everything outside it is squeezed into a shell around it, so one dense grid over
 ``[-2, 2]^3`` covers all of space, with voxels that grow with the distance. The grids then live in these
-*grid coordinates* (:meth:`DenseGridField.to_grid`); for a bounded field they are world coordinates.
+*grid coordinates* (:meth:`DenseGridField.to_grid`); for a bounded field they are world coordinates. What lies
+beyond :data:`SKY_RADIUS` (the sky) is coloured by direction from a :class:`~mmstyle_ns.fields.sky.SkyMap` instead of
+the grid's outer face, when the field has one.
 """
 
 from __future__ import annotations
@@ -22,11 +24,18 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from nerfstudio.field_components.activations import trunc_exp
 from nerfstudio.field_components.encodings import SHEncoding
 from nerfstudio.fields.base_field import Field
 from torch import Tensor, nn
+
+from mmstyle_ns.fields.sky import SkyMap
+
+SKY_RADIUS = 500.0
+"""L-infinity radius, in half-sizes of the contraction box, beyond which a contracted field with a sky map is the
+sky: its outputs there come from the map, by direction from the box's centre (a sampler's far samples lie beyond
+it; its marching samples stay well inside it)."""
 
 
 def grid_shape_for(aabb: Float[Tensor, "2 3"], resolution: int) -> tuple[int, int, int]:
@@ -138,6 +147,7 @@ class DenseGridField(Field):
             grid with a small MLP conditioned on the encoded view direction (DVGO-like).
         out_channels: channels of the view-dependent output (3 for RGB; e.g. 4 for Stable Diffusion latents).
         activation: ``"sigmoid"`` maps outputs to [0, 1] (RGB); ``"none"`` leaves them unbounded (latents).
+        sky_rows: rows of the sky map (0: none; the grid's outer face then colours the far background too).
     """
 
     aabb: Tensor
@@ -162,6 +172,7 @@ class DenseGridField(Field):
         color_mode: Literal["sh", "mlp"] = "mlp",
         out_channels: int = 3,
         activation: Literal["sigmoid", "none"] = "sigmoid",
+        sky_rows: int = 0,
     ) -> None:
         super().__init__()
         if out_channels < 1:
@@ -197,6 +208,7 @@ class DenseGridField(Field):
                 nn.ReLU(inplace=True),
                 nn.Linear(hidden_dim, out_channels),
             )
+        self.sky = SkyMap(out_channels, sky_rows, activation) if sky_rows > 0 else None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -280,6 +292,38 @@ class DenseGridField(Field):
         else:
             raw = self.color_mlp(torch.cat([features, encoded], dim=-1))
         return torch.sigmoid(raw) if self.activation == "sigmoid" else raw
+
+    def sky_mask(self, positions: Float[Tensor, "N 3"]) -> Bool[Tensor, " N"]:
+        """Positions whose outputs come from the sky map (beyond :data:`SKY_RADIUS` of a contracted field with one)."""
+        if self.sky is None or not bool(self.contracted):
+            return torch.zeros(positions.shape[0], dtype=torch.bool, device=positions.device)
+        centre = (self.contraction_box[0] + self.contraction_box[1]) / 2
+        half = (self.contraction_box[1] - self.contraction_box[0]) / 2
+        return ((positions - centre) / half).abs().amax(-1) >= SKY_RADIUS
+
+    def with_sky(self, outputs: Float[Tensor, "N C"], positions: Float[Tensor, "N 3"]) -> Float[Tensor, "N C"]:
+        """``outputs`` (the grid's, at ``positions``) with those beyond the sky radius replaced by the sky map's."""
+        mask = self.sky_mask(positions)
+        if self.sky is None or not bool(mask.any()):
+            return outputs
+        centre = (self.contraction_box[0] + self.contraction_box[1]) / 2
+        sky = self.sky(positions[mask] - centre).to(outputs)
+        return outputs.index_put((mask.nonzero()[:, 0],), sky)
+
+    @torch.no_grad()
+    def reset_beyond(self, radius: float, opacity: float) -> None:
+        """Resets a contracted field's density beyond the L-infinity ``radius`` (in half-sizes of the contraction
+        box) to ``opacity`` per voxel, whatever length of space each voxel spans."""
+        if not bool(self.contracted):
+            raise ValueError("only a contracted field has space beyond its box")
+        if not 0.0 < opacity < 1.0:
+            raise ValueError(f"a voxel's opacity must lie in (0, 1), got {opacity}")
+        inner = float(self.contraction_inner)
+        rho = inner + (2.0 - inner) * (1.0 - 1.0 / max(radius, 1.0))  # the radius in grid coordinates
+        beyond = self.vertex_grid_positions().abs().amax(-1) > rho
+        density = -math.log1p(-opacity) / self.voxel_size()  # per unit length inside the box
+        raw = self.raw_density_for(density) - self.vertex_length_scale().reshape(-1).log()
+        self.density_grid[beyond] = raw[beyond, None]
 
     def vertex_densities(self) -> Float[Tensor, "X Y Z"]:
         """Density at every grid vertex."""
@@ -389,6 +433,10 @@ class DenseGridField(Field):
             param = getattr(self, name)
             if saved is not None and saved.shape != param.shape:
                 setattr(self, name, nn.Parameter(torch.empty(saved.shape, dtype=param.dtype, device=param.device)))
+        if self.sky is not None:  # runs saved before the sky map existed, or with another size of it
+            saved = state_dict.setdefault(prefix + "sky.table", self.sky.table.detach().clone())
+            if saved.shape != self.sky.table.shape:
+                self.sky.table = nn.Parameter(torch.empty_like(saved, device=self.sky.table.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 

@@ -145,8 +145,9 @@ class OccupancySampler(nn.Module):
         far_radius: how far a contracted field's rays are marched, in half-sizes of its contraction box (the
             contracted coordinate reaches ``2 - 1/far_radius``).
         far_samples: in a contracted field, end every ray that is not yet opaque on one more sample at the far
-            radius, opaque whatever its density (:attr:`PackedSamples.far`): its colour, the grid's on its outer
-            face, is what lies beyond everything (a sky), seen alike from every camera.
+            radius, opaque whatever its density (:attr:`PackedSamples.far`): its colour, the field's sky map (the
+            far radius lies beyond :data:`~mmstyle_ns.fields.grid_field.SKY_RADIUS`) or else the grid's on its
+            outer face, is what lies beyond everything (a sky), seen alike from every camera.
     """
 
     occupancy: Tensor

@@ -298,10 +298,6 @@ class MMNeRFModel(FrozenGeometryModel):
             nearest = trained[most_similar(self.style_embeddings[index], self.style_embeddings[trained])]
             self.heads[index].load_state_dict(self.heads[nearest].state_dict())
         return new
-        for index in new:
-            nearest = trained[most_similar(self.style_embeddings[index], self.style_embeddings[trained])]
-            self.heads[index].load_state_dict(self.heads[nearest].state_dict())
-        return new
 
     def get_param_groups(self) -> dict[str, list[Parameter]]:
         groups = super().get_param_groups()
@@ -414,8 +410,10 @@ class MMNeRFModel(FrozenGeometryModel):
         if self.field.color_mlp is None:  # SH grid: the constant (degree-0) term
             coefficients = trilinear_lookup(self.field.feature_grid, index, corner_weights)
             coefficients = coefficients.view(-1, 3, self.field.sh_coefficients)[..., 0]
-            return torch.sigmoid(coefficients * 0.28209479177387814).detach()
-        return self.field.color_from_corners(index, corner_weights, torch.zeros_like(positions)).detach()
+            colors = torch.sigmoid(coefficients * 0.28209479177387814)
+        else:
+            colors = self.field.color_from_corners(index, corner_weights, torch.zeros_like(positions))
+        return self.field.with_sky(colors, positions).detach()  # the sky map is view-independent already
 
     def render_cached(self, pixels: Int[Tensor, " B"], style: int) -> Float[Tensor, "B 3"]:
         """Stylized colours of training pixels from the sample cache (white background)."""
