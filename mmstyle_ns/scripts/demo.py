@@ -43,6 +43,7 @@ ablation), and the first edit once unmasked and once with SDS instead of DDS.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -67,7 +68,9 @@ def _bin(name: str) -> str:
 
 def _run(args: list[str]) -> None:
     print("$ " + " ".join(args), flush=True)
-    subprocess.run(args, check=True)
+    # this environment's tools first (ns-render finds ffmpeg on PATH), also when it is not activated
+    env = dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    subprocess.run(args, check=True, env=env)
 
 
 DEMO_STYLES = ("builtin:coffee", "builtin:hubble_deep_field", "builtin:chelsea")
@@ -82,6 +85,8 @@ class DemoArgs:
     """Which method's demo to run."""
     data: Path = Path("data/object360")
     """Where the embedded scene is written."""
+    kind: Literal["object360", "forward", "unbounded"] = "object360"
+    """mm-nerf: the embedded scene's kind (mmstyle-scene --kind)."""
     output_dir: Path = Path("outputs")
     """nerfstudio output folder for the run."""
     render_dir: Path = Path("renders")
@@ -263,7 +268,7 @@ def main(args: DemoArgs) -> list[Path]:
 
     names = [source.name for source in parse_style_specs(args.styles)]
     start = time.perf_counter()
-    _run([_bin("mmstyle-scene"), "--kind", "object360", "--out", str(args.data),
+    _run([_bin("mmstyle-scene"), "--kind", args.kind, "--out", str(args.data),
           "--resolution", str(args.resolution), "--num-views", str(args.num_views)])  # fmt: skip
     timestamp = "demo"
     _run([_bin("ns-train"), "mm-nerf", "--data", str(args.data), "--output-dir", str(args.output_dir),

@@ -107,7 +107,7 @@ class MagentaStylizer(Stylizer):
             digest = hashlib.sha256()
             for name in (PREDICT_MODEL, TRANSFORM_MODEL):
                 digest.update((self.model_dir / name).read_bytes())
-            self._identifier = f"magenta-{digest.hexdigest()[:16]}"
+            self._identifier = f"magenta-{digest.hexdigest()[:16]}-basic"  # basic: the float arithmetic
         return self._identifier
 
     def _session(self, name: str) -> Any:
@@ -123,6 +123,10 @@ class MagentaStylizer(Stylizer):
             options.intra_op_num_threads = self.num_threads
             options.inter_op_num_threads = 1
             options.log_severity_level = 3
+            # Fusing the quantise/dequantise pairs into int8 kernels makes the result depend on the CPU: without
+            # VNNI (AVX2 only) the int8 products saturate in int16 and the style vectors come out wrong. Basic
+            # optimisations keep the graph's float arithmetic, the same on every CPU.
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
             self._sessions[name] = ort.InferenceSession(
                 str(self.model_dir / name), sess_options=options, providers=["CPUExecutionProvider"]
             )
