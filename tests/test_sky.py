@@ -38,7 +38,8 @@ def test_a_texel_centre_reads_its_own_value_and_the_seam_is_continuous() -> None
     # scale does not matter; RGB maps are in (0, 1)
     torch.testing.assert_close(sky(torch.tensor([[0.0, 0.0, 5.0]])), sky(torch.tensor([[0.0, 0.0, 1.0]])))
     rgb = SkyMap(channels=3, rows=4)
-    assert bool(((rgb(torch.randn(32, 3)) > 0) & (rgb(torch.randn(32, 3)) < 1)).all())
+    colours = rgb(torch.randn(32, 3))
+    assert bool(((colours > 0) & (colours < 1)).all())
 
 
 def test_only_far_samples_of_a_contracted_field_take_the_sky_and_it_learns_from_them() -> None:

@@ -232,23 +232,27 @@ class DenseGridField(Field):
         """Grid coordinates of world positions (the same positions unless the field is contracted)."""
         if not bool(self.contracted):
             return positions
-        centre = (self.contraction_box[0] + self.contraction_box[1]) / 2
-        half = (self.contraction_box[1] - self.contraction_box[0]) / 2
+        centre, half = self._contraction_frame()
         return contract((positions - centre) / half, float(self.contraction_inner))
 
     def from_grid(self, points: Float[Tensor, "N 3"]) -> Float[Tensor, "N 3"]:
         """World positions of grid coordinates (inverse of :meth:`to_grid`)."""
         if not bool(self.contracted):
             return points
-        centre = (self.contraction_box[0] + self.contraction_box[1]) / 2
-        half = (self.contraction_box[1] - self.contraction_box[0]) / 2
+        centre, half = self._contraction_frame()
         return uncontract(points, float(self.contraction_inner)) * half + centre
+
+    def _contraction_frame(self) -> tuple[Float[Tensor, " 3"], Float[Tensor, " 3"]]:
+        """Centre and half-size of the contraction box."""
+        return (self.contraction_box[0] + self.contraction_box[1]) / 2, (
+            self.contraction_box[1] - self.contraction_box[0]
+        ) / 2
 
     def contraction_half_size(self) -> float:
         """World length of one grid-coordinate unit inside the contraction box (1 when not contracted)."""
         if not bool(self.contracted):
             return 1.0
-        return float(((self.contraction_box[1] - self.contraction_box[0]) / 2).max()) / float(self.contraction_inner)
+        return float(self._contraction_frame()[1].max()) / float(self.contraction_inner)
 
     def vertex_length_scale(self) -> Float[Tensor, "X Y Z"]:
         """World length per voxel length at every vertex, relative to :meth:`voxel_size`: 1 everywhere for a
@@ -297,8 +301,7 @@ class DenseGridField(Field):
         """Positions whose outputs come from the sky map (beyond :data:`SKY_RADIUS` of a contracted field with one)."""
         if self.sky is None or not bool(self.contracted):
             return torch.zeros(positions.shape[0], dtype=torch.bool, device=positions.device)
-        centre = (self.contraction_box[0] + self.contraction_box[1]) / 2
-        half = (self.contraction_box[1] - self.contraction_box[0]) / 2
+        centre, half = self._contraction_frame()
         return ((positions - centre) / half).abs().amax(-1) >= SKY_RADIUS
 
     def with_sky(self, outputs: Float[Tensor, "N C"], positions: Float[Tensor, "N 3"]) -> Float[Tensor, "N C"]:
@@ -306,8 +309,7 @@ class DenseGridField(Field):
         mask = self.sky_mask(positions)
         if self.sky is None or not bool(mask.any()):
             return outputs
-        centre = (self.contraction_box[0] + self.contraction_box[1]) / 2
-        sky = self.sky(positions[mask] - centre).to(outputs)
+        sky = self.sky(positions[mask] - self._contraction_frame()[0]).to(outputs)
         return outputs.index_put((mask.nonzero()[:, 0],), sky)
 
     @torch.no_grad()
